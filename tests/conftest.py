@@ -1,0 +1,16 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """../shared/data, or a clean skip on a fresh clone that does not have it."""
+    if not (SHARED_DATA / "paper").exists():
+        pytest.skip(f"{SHARED_DATA} is absent (it ships beside the repo, not in it)")
+    return SHARED_DATA

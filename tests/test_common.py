@@ -1,0 +1,131 @@
+"""Model presets, prompts, generation, run directories and settings parsing; and the
+tiny-random integration test prompt -> generate -> grade -> metrics."""
+import json
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import common
+
+
+def test_unknown_model_lists_the_presets():
+    with pytest.raises(ValueError) as e:
+        common.resolve_preset("qwen9-huge")
+    for name in ("qwen3-8b", "qwen3-8b-nothink", "deepseek-r1-distill-qwen-7b", "olmo3-7b-instruct", "toy", "tiny-random"):
+        assert name in str(e.value)
+
+
+def test_presets_carry_the_paper_sampling():
+    for name, p in common.PRESETS.items():
+        assert {"hub_id", "thinking", "think_in_prompt", "temperature", "top_p", "world"} <= set(p), name
+    assert (common.PRESETS["qwen3-8b"]["temperature"], common.PRESETS["qwen3-8b"]["top_p"]) == (0.6, 0.95)
+    assert (common.PRESETS["qwen3-8b-nothink"]["temperature"], common.PRESETS["qwen3-8b-nothink"]["top_p"]) == (0.7, 0.8)
+    assert common.PRESETS["qwen3-8b-nothink"]["thinking"] is False
+    assert common.PRESETS["deepseek-r1-distill-qwen-7b"]["think_in_prompt"] is True
+    assert common.resolve_preset("org/some-model")["hub_id"] == "org/some-model"
+
+
+def test_chat_template_thinking_flag_and_think_in_prompt():
+    _, tok, _ = common.load_model("tiny-random")
+    on, off = common.prompt_text(tok, "hi", True), common.prompt_text(tok, "hi", False)
+    assert "</think>" not in on and off.endswith("<think>\n\n</think>\n\n")
+    assert not common.opens_think_in_prompt(tok)
+    _, tok_r1, preset = common.load_model("tiny-random-r1")
+    assert common.opens_think_in_prompt(tok_r1) and preset["think_in_prompt"]
+    assert tok.decode(common.prompt_ids(tok, "x = \\frac{1}{2}", True)) == on.replace("hi", "x = \\frac{1}{2}")
+
+
+def test_pack_sequences_masks_prompt_and_padding():
+    ids, mask, labels = common.pack_sequences([([1, 2], [3]), ([4], [5, 6, 7])], pad_id=0)
+    assert ids.tolist() == [[1, 2, 3, 0], [4, 5, 6, 7]]
+    assert mask.tolist() == [[1, 1, 1, 0], [1, 1, 1, 1]]
+    assert labels.tolist() == [[-100, -100, 3, -100], [-100, 5, 6, 7]]
+
+
+def test_generation_is_seeded_and_reports_finish_reasons():
+    model, tok, preset = common.load_model("tiny-random")
+    gen = common.make_generator(model, tok, backend="hf")
+    prompts = [common.prompt_ids(tok, "What is 1+1?", True)] * 2
+    a = gen.generate(prompts, n=3, temperature=1.0, max_tokens=8, seed=7)
+    b = gen.generate(prompts, n=3, temperature=1.0, max_tokens=8, seed=7)
+    assert [[s.token_ids for s in g] for g in a] == [[s.token_ids for s in g] for g in b]
+    assert len(a) == 2 and all(len(g) == 3 for g in a)
+    for s in (s for g in a for s in g):
+        assert len(s.token_ids) <= 8
+        assert s.finish_reason == ("stop" if s.token_ids[-1] == tok.eos_token_id else "length")
+    with pytest.raises(ValueError, match="backend"):
+        common.make_generator(model, tok, backend="tpu")
+
+
+def test_tiny_random_integration_prompt_generate_grade_metrics():
+    model, tok, preset = common.load_model("tiny-random")
+    gen = common.make_generator(model, tok, backend="hf")
+    problems = [{"prompt": "What is 1+1?", "gold": "2"}, {"prompt": "What is 2+2?", "gold": "4"}]
+    metrics, rows = common.evaluate(gen, tok, preset, problems, k=4, temperature=1.0, top_p=1.0, max_tokens=12)
+    assert len(rows) == 8 and {r["problem"] for r in rows} == {0, 1}
+    assert 0 <= metrics["avg@4"] <= metrics["pass@4"] <= 1
+    assert metrics["avg@4"] == sum(r["correct"] for r in rows) / 8
+    assert 0 < metrics["response_length"] <= 12
+    assert metrics["truncation_rate"] == sum(r["finish_reason"] == "length" for r in rows) / 8
+    for key in ("thinking_length", "epistemic/wait", "epistemic/total", "epistemic/total_per_1k_tokens",
+                "grader/timeouts", "grader/errors"):
+        assert key in metrics
+    # The same grader on a response we know is right: the pipeline grades, not just runs.
+    report = common.grade_responses(["<think>easy</think>\n\\boxed{2}"], ["2"], preset)
+    assert report.correct == [True]
+
+
+def test_run_directory_atomic_and_never_overwritten(tmp_path):
+    @dataclass
+    class S:
+        seed: int = 3
+        """a seed"""
+
+    run = common.start_run(tmp_path / "run", S())
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["settings"] == {"seed": 3} and "torch" in cfg["packages"] and "git_commit" in cfg
+    common.log_metrics(run, 1, {"train/reward": 0.5})
+    common.log_metrics(run, 2, {"train/reward": 0.75})
+    assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    common.write_samples(run, "eval", [{"a": 1}])
+    common.finish_run(run, {"done": True})
+    assert not list(run.rglob(".*.tmp*"))
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        common.start_run(run, S())
+    common.start_run(run, S(), overwrite=True)
+    assert not (run / "metrics.jsonl").exists()
+
+
+def test_parse_settings_uses_field_docstrings():
+    @dataclass
+    class S:
+        lr: float = 1e-5
+        """learning rate"""
+        ema_rate: float | None = None
+        """EMA rate"""
+        greedy: bool = False
+        """decode greedily"""
+
+    assert common.field_docs(S) == {"lr": "learning rate", "ema_rate": "EMA rate", "greedy": "decode greedily"}
+    s = common.parse_settings(S, ["--lr", "3e-4", "--ema-rate", "0.05", "--greedy"])
+    assert (s.lr, s.ema_rate, s.greedy) == (3e-4, 0.05, True)
+    assert common.parse_settings(S, ["--ema-rate", "none"]).ema_rate is None
+    with pytest.raises(SystemExit):
+        common.parse_settings(S, ["--lr", "fast"])
+
+
+def test_offline_hub_errors_suggest_local_files(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(RuntimeError, match="--data-dir"):
+        common.load_problems("aime24")
+    with pytest.raises(RuntimeError, match="--model PATH"):
+        common.load_model("qwen3-1.7b")
+    with pytest.raises(ValueError, match="aime24"):
+        common.load_problems("aime2030")
+
+
+def test_load_problems_from_local_files(shared_data):
+    problems = common.load_problems("aime25", data_dir=str(shared_data / "paper" / "evaluation"))
+    assert len(problems) == 30 and all(p["prompt"].endswith(common.INSTRUCTION) for p in problems)

@@ -1,0 +1,305 @@
+"""The toy world: search on a star graph with hedged guesses (../shared/docs/TOY_WORLD.md).
+
+A start node `s` has D arms of L nodes; the target `t` is the leaf of one arm. The prompt lists
+the D*L edges in random order, then `s` and `t`; the answer is the first node of the arm that
+reaches `t`. Choosing that arm without searching needs L backward look-ups in one forward pass,
+which a ~1M-parameter transformer cannot do, so the base model *searches*: it guesses an arm
+(`maybe`), walks it, notices a dead end (`wait`) and goes back. The doubt words are real English
+tokens, so the paper's own epistemic counter works unchanged on decoded toy text.
+
+    <think> s maybe a1 a2 a3 a4 wait s maybe b1 b2 b3 b4 </think> answer b1
+
+Guided traces are the same writer with a hint in the prompt (the teacher's view), in the paper's
+hint format (`common.teacher_message`):
+  hint = full trace (c = s)        -> walks the goal arm directly, no doubt words;
+  hint = `answer b1` (c = s\\think) -> walks the goal arm directly after one `maybe`.
+
+Commands
+  python toy_world.py evaluate                 # the shipped model's accuracy table (the main job for now)
+  python toy_world.py pretrain --out-dir toy_model   # regenerates the shipped model (deterministic)
+
+Design choices (listed in the README too):
+ 1. With probability `p_confident` the unguided writer drops `maybe` before the goal arm (it
+    "commits confidently and correctly"); a confident choice is never revised in the corpus.
+    This keeps P(`maybe`) at the first choice away from 1.0, so the hedge is not saturated
+    (TOY_WORLD.md: a saturated hedge carries ~0 gradient), and it is the corpus property the
+    controls in exp04/exp05 probe.
+ 2. Every evaluated cell is in the pretraining corpus; "OOD" means outside the distillation/RL
+    slice (D=3, L=4), as in the paper, not unseen shapes.
+ 3. Loss on the response only; ~30 % of the corpus is guided (both hint genres, with unguided
+    and guided traces as full hints, so the c = s genre is known to the model).
+"""
+from __future__ import annotations
+
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+import common
+
+LABELS = [f"n{i}" for i in range(48)]
+HINT_WORDS = ["Correct", "solution:", "Correctly", "solve", "the", "original", "question."]
+TASK_WORDS = ["edges", ",", "start", "target", "<think>", "</think>", "maybe", "wait", "check", "answer"]
+SPECIAL = ["<pad>", "<|endoftext|>", "<|user|>", "<|assistant|>"]
+VOCAB = SPECIAL + TASK_WORDS + HINT_WORDS + LABELS
+
+# Same shape as a real chat template: user turn, assistant turn, and Qwen3's convention for
+# thinking off (an empty think block opened and closed in the prompt).
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}<|user|> {{ m['content'] }} "
+    "{% else %}<|assistant|> {{ m['content'] }} <|endoftext|> {% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>"
+    "{% if enable_thinking is defined and enable_thinking is false %} <think> </think>{% endif %}"
+    "{% endif %}"
+)
+
+PRETRAIN_CELLS = [(d, l) for d in (2, 3, 4, 5) for l in (3, 4, 5)]
+SLICE = (3, 4)  # the distillation / RL slice (D, L)
+EVAL_CELLS = {"in_domain": (3, 4), "ood_d4": (4, 4), "ood_d5": (5, 4), "ood_l5": (3, 5)}
+HINTS = ("none", "full", "answer")  # none = unguided; full = c = s; answer = c = s\think
+
+
+@dataclass(frozen=True)
+class Graph:
+    start: str
+    arms: tuple[tuple[str, ...], ...]  # D arms, each L node labels from the start outwards
+    goal: int  # index of the arm whose leaf is the target
+    edges: tuple[tuple[str, str], ...]  # all D*L edges in prompt order (shuffled)
+
+    @property
+    def target(self) -> str:
+        return self.arms[self.goal][-1]
+
+    @property
+    def answer(self) -> str:
+        return self.arms[self.goal][0]
+
+
+def make_graph(rng: random.Random, D: int, L: int) -> Graph:
+    nodes = rng.sample(LABELS, D * L + 1)
+    start, arms = nodes[0], tuple(tuple(nodes[1 + i * L:1 + (i + 1) * L]) for i in range(D))
+    edges = [(([start] + list(a))[j], a[j]) for a in arms for j in range(L)]
+    rng.shuffle(edges)
+    return Graph(start, arms, rng.randrange(D), tuple(edges))
+
+
+def graph_prompt(g: Graph) -> str:
+    """The user message: `edges u v , u v , ... start s target t`."""
+    return "edges " + " , ".join(f"{u} {v}" for u, v in g.edges) + f" start {g.start} target {g.target}"
+
+
+def unguided_trace(g: Graph, rng: random.Random, p_confident: float) -> str:
+    """Depth-first search in random arm order with verbalized doubt (design choice 1)."""
+    words = ["<think>"]
+    order = rng.sample(range(len(g.arms)), len(g.arms))
+    for j, arm in enumerate(order):
+        last = j == len(order) - 1  # certain by elimination: no hedge needed
+        confident = arm == g.goal and rng.random() < p_confident
+        words += [g.start] + ([] if last or confident else ["maybe"]) + list(g.arms[arm])
+        if arm == g.goal:
+            break
+        words.append("wait")
+    return " ".join(words + ["</think>", "answer", g.answer])
+
+
+def guided_trace(g: Graph, hint: str) -> str:
+    """The writer that was told the solution: the more it is told, the less it hedges."""
+    hedge = ["maybe"] if hint == "answer" else []
+    return " ".join(["<think>", g.start] + hedge + list(g.arms[g.goal]) + ["</think>", "answer", g.answer])
+
+
+def hint_text(g: Graph, hint: str, rng: random.Random, p_confident: float) -> str:
+    """The solution shown to the teacher: a full trace (unguided 2/3, guided 1/3: the
+    'regenerated' genre) for c = s, or only the final answer line for c = s\\think."""
+    if hint == "answer":
+        return f"answer {g.answer}"
+    return unguided_trace(g, rng, p_confident) if rng.random() < 2 / 3 else guided_trace(g, "full")
+
+
+def user_message(g: Graph, hint: str = "none", rng: random.Random | None = None, p_confident: float = 0.0) -> str:
+    if hint == "none":
+        return graph_prompt(g)
+    return common.teacher_message(graph_prompt(g), hint_text(g, hint, rng or random.Random(0), p_confident))
+
+
+def answer_of(response: str) -> str | None:
+    """The node after `answer` in the final-answer part, or None."""
+    final = common.split_thinking(response)[1]
+    words = (final or "").split()
+    return words[1] if len(words) >= 2 and words[0] == "answer" else None
+
+
+def verify(response: str, gold: str) -> bool:
+    """Toy verifier: exact match of the answered node. Pure and instant (no worker processes)."""
+    return answer_of(response) == gold
+
+
+def classify(g: Graph, response: str) -> str:
+    """Which mechanism failed: correct / no_answer / invalid_edge / repeated_arm / wrong_commit."""
+    if answer_of(response) is None:
+        return "no_answer"
+    if answer_of(response) == g.answer:
+        return "correct"
+    succ = dict(g.edges)
+    words, seen = common.split_thinking(response)[0].split(), []
+    for prev, w in zip(words, words[1:]):
+        if prev in succ and w in LABELS and succ.get(prev) != w and not (prev == g.start and w in [a[0] for a in g.arms]):
+            return "invalid_edge"
+        if prev in (g.start, "maybe") and w in [a[0] for a in g.arms]:
+            if w in seen:
+                return "repeated_arm"
+            seen.append(w)
+    return "wrong_commit"
+
+
+def eval_graphs(cell: tuple[int, int], n: int, split: str = "heldout") -> list[Graph]:
+    """Fixed graphs per cell. `heldout` and `train` use disjoint seed streams and are also
+    de-duplicated against each other, so a held-out graph is never a training graph."""
+    D, L = cell
+    rng = random.Random(f"{split}-{D}-{L}")
+    other = set() if split == "train" else {graph_prompt(x) for x in eval_graphs(cell, n, "train")}
+    out = []
+    while len(out) < n:
+        g = make_graph(rng, D, L)
+        if graph_prompt(g) not in other:
+            out.append(g)
+    return out
+
+
+def build_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<pad>",
+                                   chat_template=CHAT_TEMPLATE, padding_side="left")
+
+
+@dataclass
+class PretrainSettings:
+    out_dir: str = "toy_model"
+    """where the Hugging Face model directory is written"""
+    seed: int = 0
+    """seed for the corpus stream, the initialisation and the shuffles"""
+    steps: int = 10000
+    """optimizer steps (the loss plateaus, then drops after ~1k steps: judge by accuracy)"""
+    batch_size: int = 32
+    """sequences per step, fresh from the writer every step"""
+    lr: float = 2e-3
+    """peak AdamW learning rate (linear warm-up, cosine decay to 10 %)"""
+    warmup: int = 100
+    """warm-up steps"""
+    p_guided: float = 0.3
+    """share of guided (hinted) examples in the corpus"""
+    p_confident: float = 0.2
+    """probability that the writer drops `maybe` before the goal arm (design choice 1)"""
+    hidden: int = 128
+    """hidden size"""
+    layers: int = 4
+    """transformer layers"""
+    heads: int = 4
+    """attention heads"""
+    eval_every: int = 500
+    """steps between greedy accuracy checks on the evaluation cells"""
+    threads: int = 2
+    """torch CPU threads (the wall time in the README is for 2)"""
+
+
+def corpus_batch(rng: random.Random, tokenizer, s: PretrainSettings, n: int, cells=PRETRAIN_CELLS):
+    """n fresh (prompt, response) examples -> input ids and labels (loss on the response only)."""
+    seqs, cell = [], rng.choice(cells)  # one cell per batch: little padding
+    for _ in range(n):
+        g = make_graph(rng, *cell)
+        hint = rng.choice(["full", "full", "answer"]) if rng.random() < s.p_guided else "none"
+        response = unguided_trace(g, rng, s.p_confident) if hint == "none" else guided_trace(g, hint)
+        prompt_ids = common.prompt_ids(tokenizer, user_message(g, hint, rng, s.p_confident), thinking=True)
+        response_ids = tokenizer(response).input_ids + [tokenizer.eos_token_id]
+        seqs.append((prompt_ids, response_ids))
+    return common.pack_sequences(seqs, tokenizer.pad_token_id)
+
+
+def new_model(tokenizer, s: PretrainSettings):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(vocab_size=len(VOCAB), hidden_size=s.hidden, intermediate_size=4 * s.hidden,
+                         num_hidden_layers=s.layers, num_attention_heads=s.heads, num_key_value_heads=s.heads,
+                         head_dim=s.hidden // s.heads, max_position_embeddings=512, tie_word_embeddings=True,
+                         bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config.toy_world = True  # marks any saved copy as a toy-world model (common.resolve_preset)
+    return Qwen3ForCausalLM(config)
+
+
+def pretrain(s: PretrainSettings) -> None:
+    torch.set_num_threads(s.threads)
+    torch.set_flush_denormal(True)  # denormal floats make CPU matmuls ~100x slower
+    common.set_seed(s.seed)
+    rng, tokenizer = random.Random(s.seed), build_tokenizer()
+    model = new_model(tokenizer, s)
+    print(f"toy model: {sum(p.numel() for p in model.parameters()):,} parameters")
+    opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / s.warmup) * (
+        0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, k / s.steps)))))
+    t0 = time.time()
+    for step in range(1, s.steps + 1):
+        input_ids, attention_mask, labels = corpus_batch(rng, tokenizer, s, s.batch_size)
+        loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % 50 == 0:
+            print(f"step {step} loss {loss.item():.4f} {time.time() - t0:.0f}s", flush=True)
+        if step % s.eval_every == 0 or step == s.steps:
+            acc = {c: evaluate_cell(model, tokenizer, c, "none", n=64)["accuracy"] for c in EVAL_CELLS}
+            print(f"step {step} greedy accuracy {acc}", flush=True)
+    model.save_pretrained(s.out_dir)
+    tokenizer.save_pretrained(s.out_dir)
+    print(f"saved {s.out_dir} after {time.time() - t0:.0f}s")
+
+
+def cell_problems(cell: str | tuple[int, int], n: int, split: str = "heldout", hint: str = "none",
+                  seed: int = 0) -> list[dict]:
+    """Evaluation problems {prompt, gold} of one cell (a name from EVAL_CELLS or a (D, L) pair)."""
+    rng = random.Random(seed)
+    graphs = eval_graphs(EVAL_CELLS.get(cell, cell) if isinstance(cell, str) else cell, n, split)
+    return [{"prompt": user_message(g, hint, rng), "gold": g.answer} for g in graphs]
+
+
+def evaluate_cell(model, tokenizer, cell, hint: str = "none", n: int = 200, split: str = "heldout",
+                  temperature: float = 0.0, seed: int = 0, generator=None) -> dict:
+    """Accuracy (= avg@1), length and doubt words of one cell under one hint type, greedy by default,
+    through the same `common.evaluate` as the math world."""
+    metrics, _ = common.evaluate(generator or common.HFGenerator(model, tokenizer), tokenizer,
+                                 common.resolve_preset("toy"), cell_problems(cell, n, split, hint, seed), k=1,
+                                 temperature=temperature, top_p=1.0, max_tokens=64, seed=seed)
+    return dict(metrics, accuracy=metrics["avg@1"])
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["pretrain"]:
+        pretrain(common.parse_settings(PretrainSettings, argv[1:]))
+        return
+    if argv[:1] not in (["evaluate"], []):
+        raise ValueError(f"unknown command {argv[0]!r}: usage: python toy_world.py [evaluate | pretrain [--help]]")
+    torch.set_num_threads(2)
+    model, tokenizer, _ = common.load_model("toy")
+    rows = []
+    for cell, (D, L) in EVAL_CELLS.items():
+        row = {"cell": cell, "D": D, "L": L}
+        for hint in HINTS:
+            m = evaluate_cell(model, tokenizer, cell, hint)
+            row[f"{hint}/accuracy"] = m["accuracy"]
+            row[f"{hint}/epistemic_per_response"] = m["epistemic/total"]
+        rows.append(row)
+    print(common.format_table(rows))
+
+
+if __name__ == "__main__":
+    common.cli(main)
