@@ -927,7 +927,7 @@ def parse_settings(cls, argv: list[str] | None = None):
     for f in dataclasses.fields(cls):
         kind = (f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))).replace(" ", "")
         base = {"int": int, "float": float, "str": str, "bool": bool}[kind.split("|")[0]]
-        flag, doc = "--" + f.name.replace("_", "-"), f"{docs.get(f.name, '')} (default: {f.default})"
+        flag, doc = "--" + f.name.replace("_", "-"), f"{docs.get(f.name, '')} (default: {f.default})".replace("%", "%%")
         if base is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=doc)
         else:

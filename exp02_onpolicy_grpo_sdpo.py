@@ -20,7 +20,7 @@ Where we depart from the release (also in the README):
  4. Epistemic counts, the teacher–student divergence on epistemic vs other tokens and the share
     of samples with a demonstration are logged every step (the release logs none of them).
  5. Toy world: its own defaults (lr 2e-4 for every arm — one lr, not the paper's 10x gap between
-    GRPO and SDPO —, 16 prompts per step, 100 steps, full-vocabulary divergence since the
+    GRPO and SDPO —, 16 prompts per step, 60 steps, full-vocabulary divergence since the
     vocabulary has 79 tokens) and greedy evaluation on held-out and OOD cells.
  6. Single process, transformers generation unless vLLM is present; multi-GPU FSDP2 and live
     vLLM weight sync belong to the scale-up work and are not in this file yet.
@@ -60,7 +60,7 @@ class Settings:
     overwrite: bool = False
     """allow replacing a finished run directory"""
     steps: int | None = None
-    """training steps (None: toy 100, math 100)"""
+    """training steps (None: toy 60, math 100)"""
     prompts_per_step: int | None = None
     """B, prompts per step (None: toy 16, math 256)"""
     rollouts: int = 8
@@ -128,7 +128,7 @@ class Settings:
 
 
 WORLD_DEFAULTS = {
-    "toy": dict(steps=100, prompts_per_step=16, max_new_tokens=64, topk=0, eval_every=20, eval_k=1, micro_batch_size=64),
+    "toy": dict(steps=60, prompts_per_step=16, max_new_tokens=64, topk=0, eval_every=20, eval_k=1, micro_batch_size=64),
     "math": dict(steps=100, prompts_per_step=256, max_new_tokens=20480, topk=100, eval_every=10, eval_k=16,
                  micro_batch_size=4),
 }

@@ -92,14 +92,17 @@ def graph_prompt(g: Graph) -> str:
     return "edges " + " , ".join(f"{u} {v}" for u, v in g.edges) + f" start {g.start} target {g.target}"
 
 
-def unguided_trace(g: Graph, rng: random.Random, p_confident: float) -> str:
-    """Depth-first search in random arm order with verbalized doubt (design choice 1)."""
+def unguided_trace(g: Graph, rng: random.Random, p_confident: float, p_drop_hedge: float = 0.0) -> str:
+    """Depth-first search in random arm order with verbalized doubt (design choice 1).
+    `p_drop_hedge` (a control, off in the shipped corpus): omit the word `maybe` at random while
+    still backtracking, so the token and the behaviour come apart."""
     words = ["<think>"]
     order = rng.sample(range(len(g.arms)), len(g.arms))
     for j, arm in enumerate(order):
         last = j == len(order) - 1  # certain by elimination: no hedge needed
         confident = arm == g.goal and rng.random() < p_confident
-        words += [g.start] + ([] if last or confident else ["maybe"]) + list(g.arms[arm])
+        dropped = p_drop_hedge > 0 and rng.random() < p_drop_hedge
+        words += [g.start] + ([] if last or confident or dropped else ["maybe"]) + list(g.arms[arm])
         if arm == g.goal:
             break
         words.append("wait")
@@ -198,6 +201,10 @@ class PretrainSettings:
     """share of guided (hinted) examples in the corpus"""
     p_confident: float = 0.2
     """probability that the writer drops `maybe` before the goal arm (design choice 1)"""
+    p_drop_hedge: float = 0.0
+    """control corpus: probability of omitting `maybe` at any choice while still backtracking"""
+    init_from: str | None = None
+    """continue pretraining from this model directory (controls) instead of a fresh model"""
     hidden: int = 128
     """hidden size"""
     layers: int = 4
@@ -216,7 +223,7 @@ def corpus_batch(rng: random.Random, tokenizer, s: PretrainSettings, n: int, cel
     for _ in range(n):
         g = make_graph(rng, *cell)
         hint = rng.choice(["full", "full", "answer"]) if rng.random() < s.p_guided else "none"
-        response = unguided_trace(g, rng, s.p_confident) if hint == "none" else guided_trace(g, hint)
+        response = unguided_trace(g, rng, s.p_confident, s.p_drop_hedge) if hint == "none" else guided_trace(g, hint)
         prompt_ids = common.prompt_ids(tokenizer, user_message(g, hint, rng, s.p_confident), thinking=True)
         response_ids = tokenizer(response).input_ids + [tokenizer.eos_token_id]
         seqs.append((prompt_ids, response_ids))
@@ -239,7 +246,7 @@ def pretrain(s: PretrainSettings) -> None:
     torch.set_flush_denormal(True)  # denormal floats make CPU matmuls ~100x slower
     common.set_seed(s.seed)
     rng, tokenizer = random.Random(s.seed), build_tokenizer()
-    model = new_model(tokenizer, s)
+    model = new_model(tokenizer, s) if s.init_from is None else common.load_model(s.init_from, device="cpu")[0].train()
     print(f"toy model: {sum(p.numel() for p in model.parameters()):,} parameters")
     opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / s.warmup) * (
