@@ -316,13 +316,20 @@ def evaluate_world(s: Settings, preset: dict, model, tokenizer, generator) -> tu
 # ---------------------------------------------------------------------------------------------
 # The training loop
 # ---------------------------------------------------------------------------------------------
-def resolve(s: Settings, preset: dict, method: str) -> Settings:
-    """Fill world defaults for every None setting and check flag combinations."""
+def resolve(s: Settings, preset: dict, method: str, vocab: int) -> Settings:
+    """Fill world defaults for every None setting and check flag combinations (before anything
+    is written, so a bad flag leaves no partial run directory)."""
     d = WORLD_DEFAULTS[preset["world"]]
     s = replace(s, **{k: v for k, v in d.items() if getattr(s, k) is None},
                 lr=s.lr if s.lr is not None else LR[(preset["world"], method)])
     if not 0 <= s.ema_rate <= 1:
         raise ValueError(f"--ema-rate {s.ema_rate} must be in [0, 1]")
+    if s.topk and s.topk > vocab:
+        raise ValueError(f"--topk {s.topk} exceeds the vocabulary ({vocab}); use --topk 0 for the full vocabulary")
+    if s.teacher_context not in ("s", "s_nothink"):
+        raise ValueError(f"--teacher-context {s.teacher_context!r}: use s or s_nothink")
+    if min(s.steps, s.prompts_per_step, s.rollouts, s.mini_batches, s.micro_batch_size) < 1:
+        raise ValueError("--steps, --prompts-per-step, --rollouts, --mini-batches and --micro-batch-size must be >= 1")
     if (s.prompts_per_step * s.rollouts) % s.mini_batches:
         raise ValueError(f"B x n = {s.prompts_per_step * s.rollouts} sequences do not split into "
                          f"--mini-batches {s.mini_batches}")
@@ -458,14 +465,14 @@ def train_arm(s: Settings, method: str, context: str, run_dir: str, sample_batch
     common.set_seed(s.seed)
     device = s.device or common.default_device()
     student, tokenizer, preset = common.load_model(s.model, device=device)
-    s = resolve(s, preset, method)
-    run = common.start_run(run_dir, replace(s, method=method, teacher_context=context), overwrite=s.overwrite,
-                           resume=s.resume)
+    s = resolve(s, preset, method, vocab=student.get_output_embeddings().weight.shape[0])
     if sample_batch is None:
         problems = train_problems(s, preset)
         if not problems:
             raise ValueError("the training set is empty: check --train-file")
         sample_batch = lambda step: [problems[i] for i in batch_indices(len(problems), s.prompts_per_step, step, s.seed)]  # noqa: E731
+    run = common.start_run(run_dir, replace(s, method=method, teacher_context=context), overwrite=s.overwrite,
+                           resume=s.resume)
     teacher = copy.deepcopy(student).eval() if method == "sdpo" else None
     teacher_fp32 = [p.detach().float().clone() for p in teacher.parameters()] if teacher and s.ema_rate else []
     opt = torch.optim.AdamW(student.parameters(), lr=s.lr, betas=(0.9, 0.999), weight_decay=s.weight_decay)
@@ -473,9 +480,6 @@ def train_arm(s: Settings, method: str, context: str, run_dir: str, sample_batch
     generator = common.make_generator(student, tokenizer, s.backend, seed=s.seed)
     epistemic_ids = torch.tensor([any(w in tokenizer.decode([i]).lower() for w in common.EPISTEMIC_WORDS)
                                   for i in range(len(tokenizer))], device=device)  # (V,)
-    vocab = student.get_output_embeddings().weight.shape[0]
-    if s.topk and s.topk > vocab:
-        raise ValueError(f"--topk {s.topk} exceeds the vocabulary ({vocab}); use --topk 0 for the full vocabulary")
     done = load_checkpoint(run, student, opt, sched, teacher, teacher_fp32) if s.resume else 0
     if not done:
         base, samples = evaluate_world(s, preset, student, tokenizer, generator)
