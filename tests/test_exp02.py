@@ -197,3 +197,40 @@ def test_smoke_subprocess_math_code_path(tiny_data, method):
     assert json.loads((out / "summary.json").read_text())[0]["arm"] == arm
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)  # a finished run is never overwritten
     assert again.returncode != 0 and "--overwrite" in again.stderr
+
+
+def saved_bytes(fn):
+    """Bytes of the tensors autograd keeps for backward while `fn` runs (CPU has no allocator stats)."""
+    storages = {}
+
+    def pack(t):  # count each storage once: the weight saved by every chunk is one tensor
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(storages.values())
+
+
+def test_chunked_stats_keep_no_positions_by_vocab_tensor_for_backward():
+    """With chunks, what autograd keeps for the loss head is O(N x (H + K)), not O(N x V): the
+    bound below is far under one fp32 (N x V) logits tensor."""
+    torch.manual_seed(0)
+    N, H, V, K = 512, 32, 4096, 8
+    hidden = torch.randn(N, H, requires_grad=True)
+    weight = torch.randn(V, H, requires_grad=True)
+    targets = torch.randint(0, V, (N,))
+
+    def head(chunk):
+        outs = [torch.utils.checkpoint.checkpoint(e._chunk_stats, hidden[a:a + chunk], weight, targets[a:a + chunk], K,
+                                                  None, use_reentrant=False) for a in range(0, N, chunk)]
+        return torch.cat([o[0] for o in outs]).sum() + torch.cat([o[1] for o in outs]).exp().sum()
+
+    (chunked, kept) = saved_bytes(lambda: head(64))
+    (_, kept_unchunked_without_checkpoint) = saved_bytes(
+        lambda: e._chunk_stats(hidden, weight, targets, K, None)[0].sum())
+    logits_bytes = N * V * 4
+    assert kept < logits_bytes / 4, (kept, logits_bytes)
+    assert kept_unchunked_without_checkpoint >= logits_bytes  # the naive path keeps (N x V)
+    chunked.backward()
+    assert hidden.grad is not None and torch.isfinite(hidden.grad).all()
