@@ -22,8 +22,8 @@ Where we depart from the release (also in the README):
  5. Toy world: its own defaults (lr 2e-4 for every arm — one lr, not the paper's 10x gap between
     GRPO and SDPO —, 16 prompts per step, 60 steps, full-vocabulary divergence since the
     vocabulary has 79 tokens) and greedy evaluation on held-out and OOD cells.
- 6. Single process, transformers generation unless vLLM is present; multi-GPU FSDP2 and live
-    vLLM weight sync belong to the scale-up work and are not in this file yet.
+ 6. Single process with transformers generation; multi-GPU FSDP2 and vLLM rollouts with live
+    weight sync belong to the scale-up work and are not in this file yet.
 """
 from __future__ import annotations
 
@@ -113,8 +113,8 @@ class Settings:
     """math: local training parquet in the paper's layout (default: DAPO-Math-17k from the hub)"""
     data_dir: str | None = None
     """math: directory with aime24/amc23 parquet files in the paper's layout (default: the hub)"""
-    backend: str = "auto"
-    """generation backend: auto | hf | vllm"""
+    backend: str = "hf"
+    """rollout backend: hf (vllm needs live weight sync, not implemented yet)"""
     device: str | None = None
     """cpu | cuda (None: cuda when available)"""
     threads: int = 2
@@ -322,6 +322,9 @@ def resolve(s: Settings, preset: dict, method: str, vocab: int) -> Settings:
     d = WORLD_DEFAULTS[preset["world"]]
     s = replace(s, **{k: v for k, v in d.items() if getattr(s, k) is None},
                 lr=s.lr if s.lr is not None else LR[(preset["world"], method)])
+    if s.backend == "vllm":  # rollouts from a stale engine would not be on-policy
+        raise ValueError("--backend vllm: pushing updated weights into the vLLM engine is not implemented yet; "
+                         "use --backend hf (the default on every machine for now)")
     if not 0 <= s.ema_rate <= 1:
         raise ValueError(f"--ema-rate {s.ema_rate} must be in [0, 1]")
     if s.topk and s.topk > vocab:
