@@ -899,6 +899,32 @@ def log_metrics(run: Path, step: int, metrics: dict) -> None:
         os.fsync(f.fileno())
 
 
+def save_checkpoint(run: Path, step: int, state: dict, keep: int = 1) -> None:
+    """torch.save(state) into checkpoints/step_XXXXXX/ through a temporary directory and a rename
+    (atomic); only the newest `keep` checkpoints stay (the release keeps all, ~100 GB each at 8B)."""
+    root = Path(run) / "checkpoints"
+    tmp, final = root / f".tmp_step_{step:06d}", root / f"step_{step:06d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    torch.save({"step": step, **state}, tmp / "state.pt")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in sorted(root.glob("step_*"))[:-keep]:
+        shutil.rmtree(old)
+
+
+def load_checkpoint(run: Path) -> tuple[int, dict]:
+    """(step, state) of the newest checkpoint; metrics.jsonl is cut back to that step so that the
+    continued run appends exactly the steps that follow."""
+    found = sorted((Path(run) / "checkpoints").glob("step_*"))
+    if not found:
+        raise FileNotFoundError(f"--resume: no checkpoint in {Path(run) / 'checkpoints'}; start without --resume")
+    state = torch.load(found[-1] / "state.pt", weights_only=False)
+    rows = [r for r in read_metrics(run) if r["step"] <= state["step"]]
+    write_json_atomic(Path(run) / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    return state["step"], state
+
+
 def write_samples(run: Path, name: str, rows: list[dict]) -> None:
     write_json_atomic(Path(run) / "samples" / f"{name}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
 

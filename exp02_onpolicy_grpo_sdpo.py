@@ -28,11 +28,8 @@ Where we depart from the release (also in the README):
 from __future__ import annotations
 
 import copy
-import json
 import math
-import os
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass, replace
 
@@ -426,27 +423,17 @@ def step_metrics(data: dict, logs: dict, lr: float, method: str) -> dict:
             **{f"train/{k}": v for k, v in epistemic.items() if k.startswith("epistemic")}}
 
 
-def save_checkpoint(run, step, student, opt, sched, teacher, teacher_fp32, keep: int) -> None:
-    """Everything a resume needs, written to a temporary directory and renamed (atomic); only the
-    newest `keep` checkpoints stay (the release keeps all of them, ~100 GB each at 8B)."""
-    root = run / "checkpoints"
-    tmp, final = root / f".tmp_step_{step:06d}", root / f"step_{step:06d}"
-    tmp.mkdir(parents=True, exist_ok=True)
-    torch.save({"step": step, "student": student.state_dict(), "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state(),
-                "teacher": teacher.state_dict() if teacher_fp32 else None, "teacher_fp32": teacher_fp32},
-               tmp / "state.pt")
-    os.replace(tmp, final)
-    for old in sorted(root.glob("step_*"))[:-keep]:
-        shutil.rmtree(old)
+def save_state(run, step, student, opt, sched, teacher, teacher_fp32, keep: int) -> None:
+    """Everything a resume needs (the frozen teacher is the loaded model: not saved)."""
+    common.save_checkpoint(run, step, {
+        "student": student.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+        "torch_rng": torch.get_rng_state(), "teacher": teacher.state_dict() if teacher_fp32 else None,
+        "teacher_fp32": teacher_fp32}, keep)
 
 
-def load_checkpoint(run, student, opt, sched, teacher, teacher_fp32) -> int:
-    """Restore the newest checkpoint; metrics.jsonl is cut back to it. -> the step to continue after."""
-    found = sorted((run / "checkpoints").glob("step_*"))
-    if not found:
-        raise FileNotFoundError(f"--resume: no checkpoint in {run / 'checkpoints'}; start the run without --resume")
-    state = torch.load(found[-1] / "state.pt", weights_only=False)
+def load_state(run, student, opt, sched, teacher, teacher_fp32) -> int:
+    """Restore the newest checkpoint -> the step to continue after."""
+    step, state = common.load_checkpoint(run)
     student.load_state_dict(state["student"])
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
@@ -455,9 +442,7 @@ def load_checkpoint(run, student, opt, sched, teacher, teacher_fp32) -> int:
         teacher.load_state_dict(state["teacher"])
         for mine, saved in zip(teacher_fp32, state["teacher_fp32"]):
             mine.copy_(saved)
-    rows = [r for r in common.read_metrics(run) if r["step"] <= state["step"]]
-    common.write_json_atomic(run / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-    return state["step"]
+    return step
 
 
 def train_arm(s: Settings, method: str, context: str, run_dir: str, sample_batch=None) -> dict:
@@ -483,7 +468,7 @@ def train_arm(s: Settings, method: str, context: str, run_dir: str, sample_batch
     generator = common.make_generator(student, tokenizer, s.backend, seed=s.seed)
     epistemic_ids = torch.tensor([any(w in tokenizer.decode([i]).lower() for w in common.EPISTEMIC_WORDS)
                                   for i in range(len(tokenizer))], device=device)  # (V,)
-    done = load_checkpoint(run, student, opt, sched, teacher, teacher_fp32) if s.resume else 0
+    done = load_state(run, student, opt, sched, teacher, teacher_fp32) if s.resume else 0
     if not done:
         base, samples = evaluate_world(s, preset, student, tokenizer, generator)
         common.log_metrics(run, 0, base)
@@ -504,7 +489,7 @@ def train_arm(s: Settings, method: str, context: str, run_dir: str, sample_batch
         common.log_metrics(run, step, dict(row, **{"time/step_s": time.time() - t0}))
         t0 = time.time()
         if s.checkpoint_every and (step % s.checkpoint_every == 0 or step == s.steps):
-            save_checkpoint(run, step, student, opt, sched, teacher, teacher_fp32, s.keep_checkpoints)
+            save_state(run, step, student, opt, sched, teacher, teacher_fp32, s.keep_checkpoints)
         print(f"[{arm_name(method, context)} seed {s.seed}] step {step} reward {row['train/reward']:.3f} "
               f"len {row['train/response_length']:.1f} doubt {row['train/epistemic/total']:.2f} "
               f"loss {row['train/loss']:.4f}", flush=True)
