@@ -181,7 +181,8 @@ class Sample:
 
 
 class HFGenerator:
-    """transformers `generate` (CPU or GPU) over left-padded batches."""
+    """transformers `generate` (CPU or GPU) over left-padded batches. It samples from the trainer's
+    own module, so its weights are always current (`sleep` and `load_weights` do nothing)."""
 
     def __init__(self, model, tokenizer, batch_size: int = 256):
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
@@ -201,29 +202,80 @@ class HFGenerator:
         device = next(self.model.parameters()).device
         for i in range(0, len(flat), self.batch_size):
             input_ids, attention_mask = left_pad(flat[i:i + self.batch_size], pad)
+            # synced_gpus: a sharded (FSDP) model needs every rank in every forward until all have stopped
             seqs = self.model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                       generation_config=config)[:, input_ids.shape[1]:].tolist()
+                                       generation_config=config, synced_gpus=world_size() > 1
+                                       )[:, input_ids.shape[1]:].tolist()
             for ids in seqs:
                 stop = eos in ids
                 ids = ids[:ids.index(eos) + 1] if stop else ids
                 out.append(Sample(ids, self.tokenizer.decode(ids, skip_special_tokens=True), "stop" if stop else "length"))
         return [out[j * n:(j + 1) * n] for j in range(len(prompts))]
 
+    def sleep(self) -> None:
+        pass
+
+    def load_weights(self, named_tensors) -> None:
+        pass
+
+
+VLLM_VERSION = "0.32.0"  # the vLLM whose API `push_weights` is written against (requirements-gpu.txt)
+
+
+def check_vllm(live: bool) -> None:
+    """Raise SetupError naming the fix unless vLLM can run here: CUDA, vllm installed and, for a
+    live engine (weights pushed during training), exactly VLLM_VERSION."""
+    if not torch.cuda.is_available():
+        raise SetupError("--backend vllm needs a CUDA machine; use --backend hf on this one")
+    if importlib.util.find_spec("vllm") is None:
+        raise SetupError("--backend vllm needs vllm: pip install -r requirements-gpu.txt")
+    installed = importlib.metadata.version("vllm")
+    if live and installed.split("+")[0] != VLLM_VERSION:
+        raise SetupError(f"vllm {installed} is installed, but the live weight push (common.push_weights) is written "
+                         f"for vllm=={VLLM_VERSION}: pip install vllm=={VLLM_VERSION} (requirements-gpu.txt)")
+
+
+def push_weights(llm, named_tensors) -> None:
+    """Load (HF name, tensor) pairs in place into a colocated engine's model: the ONE place that
+    depends on vLLM internals. `LLM.collective_rpc` runs the function on each worker (here the
+    in-process one, so tensors pass by reference, never through disk); the model's own
+    `load_weights` maps HF names onto vLLM's fused layers (qkv_proj, gate_up_proj). Written
+    against vllm==VLLM_VERSION; check_vllm(live=True) refuses any other version."""
+    llm.collective_rpc(_load_on_worker, args=(named_tensors,))
+
+
+def _load_on_worker(worker, named_tensors) -> None:
+    worker.model_runner.get_model().load_weights(weights=named_tensors)
+
 
 class VLLMGenerator:
-    """vLLM engine (CUDA only, imported lazily). Weight sync and sleep mode: see exp02."""
+    """vLLM engine (CUDA only, imported lazily). With `live=True` it is colocated with the trainer
+    in this process for on-policy training: sleep mode frees its GPU memory (weights to CPU, KV
+    cache dropped) while the trainer works, and `load_weights` pushes the trainer's updated weights
+    into it after each update (never a reload from disk), then resets the prefix cache so no cached
+    KV from the old weights is reused. Under torchrun every rank runs its own engine."""
 
-    def __init__(self, model_path: str, seed: int = 0, gpu_memory_utilization: float = 0.5, **engine_kwargs):
+    def __init__(self, model_path: str, seed: int = 0, gpu_memory_utilization: float = 0.5, live: bool = False,
+                 **engine_kwargs):
+        check_vllm(live)
+        # In-process engine core: the worker (and the model that push_weights writes into) lives here.
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import LLM  # lazy: importing any project module must work without vllm
 
-        self.llm = LLM(model=model_path, seed=seed, dtype="bfloat16", gpu_memory_utilization=gpu_memory_utilization,
-                       **engine_kwargs)
+        if world_size() > 1:  # one engine per torchrun rank, joined to the running process group
+            engine_kwargs.setdefault("distributed_executor_backend", "external_launcher")
+        self.llm = LLM(model=model_path, seed=seed + rank(), dtype="bfloat16",
+                       gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=live, **engine_kwargs)
+        self.asleep = False
 
     def generate(self, prompts: list[list[int]], n: int = 1, temperature: float = 1.0, top_p: float = 1.0,
                  top_k: int = 0, max_tokens: int = 256, seed: int = 0) -> list[list[Sample]]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
         params = SamplingParams(n=n, temperature=temperature, top_p=top_p, top_k=top_k if top_k > 0 else -1,
                                 max_tokens=max_tokens, seed=seed, skip_special_tokens=True, logprobs=0)
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
@@ -231,16 +283,36 @@ class VLLMGenerator:
                         [lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)] if c.logprobs else None)
                  for c in o.outputs] for o in outs]
 
+    def sleep(self) -> None:
+        """Level 1: weights offloaded to CPU, KV cache dropped, until load_weights or generate."""
+        self.llm.sleep(level=1)
+        self.asleep = True
 
-def make_generator(model, tokenizer, backend: str = "auto", model_path: str | None = None, seed: int = 0):
-    """`auto` = vLLM when CUDA and vllm are present and the model has a path, else transformers."""
+    def load_weights(self, named_tensors) -> None:
+        """Push the trainer's weights: wake the weights only, load in place, then allocate the KV
+        cache (after the trainer's cached blocks are released) and reset the prefix cache."""
+        torch.cuda.empty_cache()
+        self.llm.wake_up(tags=["weights"])
+        push_weights(self.llm, named_tensors)
+        self.llm.wake_up(tags=["kv_cache"])
+        self.llm.reset_prefix_cache()
+        self.asleep = False
+
+
+def make_generator(model, tokenizer, backend: str = "auto", model_path: str | None = None, seed: int = 0,
+                   live: bool = False, gpu_memory_utilization: float = 0.5):
+    """`auto` = vLLM when CUDA and vllm are present and the model has a path, else transformers.
+    `live`: the engine follows a model being trained (sleep mode and weight pushes)."""
     if backend not in ("auto", "hf", "vllm"):
         raise ValueError(f"unknown generation backend {backend!r}: use auto, hf or vllm")
     has_vllm = torch.cuda.is_available() and importlib.util.find_spec("vllm") is not None
-    if backend == "vllm" and not has_vllm:
-        raise SetupError("--backend vllm needs a CUDA machine with vllm installed (pip install -r requirements-gpu.txt)")
+    if backend == "vllm":
+        check_vllm(live)
+        if not model_path:
+            raise SetupError("--backend vllm loads the model from a directory or hub id; this model has none "
+                             "(tiny-random is built in memory): use --backend hf")
     if backend == "vllm" or backend == "auto" and has_vllm and model_path:
-        return VLLMGenerator(model_path, seed=seed)
+        return VLLMGenerator(model_path, seed=seed, live=live, gpu_memory_utilization=gpu_memory_utilization)
     return HFGenerator(model, tokenizer)
 
 
@@ -263,6 +335,195 @@ def pack_sequences(pairs: list[tuple[list[int], list[int]]], pad_id: int):
         mask[i, :len(p) + len(r)] = 1
         labels[i, len(p):len(p) + len(r)] = torch.tensor(r)
     return ids, mask, labels
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributed training: torchrun + FSDP2. Launched without torchrun, every function below is the
+# identity or a no-op, so a script reads the same on one process and on many.
+# ---------------------------------------------------------------------------------------------
+def init_distributed(device: str) -> str:
+    """Join torchrun's process group when WORLD_SIZE > 1 (NCCL with one GPU per rank, gloo on
+    CPU) -> this rank's device. Without torchrun: `device` unchanged, no process group."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return device
+    if device.startswith("cuda"):
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(device)
+    if dist.is_initialized():  # a second arm or seed in the same run
+        return device
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    atexit.register(dist.destroy_process_group)
+    return device
+
+
+def world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def is_main() -> bool:
+    """Rank 0: the only process that writes files and prints."""
+    return rank() == 0
+
+
+def rank_share(n: int, blocks: int) -> list[int]:
+    """Indices of this rank's items among n: the rank's contiguous 1/world of each of `blocks`
+    equal consecutive blocks. With blocks = optimizer mini-batches, optimizer step j sees exactly
+    the items it sees in a single process; one rank and one block: everything."""
+    per_block, w = n // blocks, world_size()
+    per_rank = per_block // w
+    return [b * per_block + rank() * per_rank + i for b in range(blocks) for i in range(per_rank)]
+
+
+def gather_objects(obj) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every rank (pickled); [obj] in a single process."""
+    if world_size() == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def main_only(fn, *args, **kwargs):
+    """Run fn on rank 0 only; every rank returns its result or raises its error, so that (say) a
+    refused run directory stops all ranks alike instead of leaving them waiting."""
+    if world_size() == 1:
+        return fn(*args, **kwargs)
+    import torch.distributed as dist
+
+    box = [None]
+    if is_main():
+        try:
+            box = [(True, fn(*args, **kwargs))]
+        except Exception as e:  # noqa: BLE001 -- re-raised on every rank below
+            box = [(False, e)]
+    dist.broadcast_object_list(box, src=0)
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value
+
+
+def bf16_compute(device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA (fp32 master weights, bf16 matmuls), nothing on CPU. Under FSDP2 the
+    mixed-precision policy already gathers bf16 parameters; autocast then changes nothing."""
+    device = torch.device(device)
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def shard_model(model, mixed_precision: bool) -> None:
+    """FSDP2 (`fully_shard`) over all ranks: each decoder layer, then the root (embeddings, final
+    norm, head). With mixed_precision, parameters are all-gathered in bf16 for compute and
+    gradients reduce-scattered in fp32, while the sharded parameters (and so the optimizer's
+    master weights) keep their own dtype. Single process: nothing."""
+    if world_size() == 1:
+        return
+    import warnings
+
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    # HF returns views of its outputs; we never modify them in place, so FSDP's warning is moot.
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+    mp_policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision
+                 else MixedPrecisionPolicy())
+    for layer in model.model.layers:
+        fully_shard(layer, mp_policy=mp_policy)
+    fully_shard(model, mp_policy=mp_policy)
+
+
+def reshard(model) -> None:
+    """Free an FSDP2 root's gathered parameters after a no-grad forward: the root keeps them after
+    its forward (so that the loss head can use the output embedding outside the module), and only
+    a backward frees them otherwise. Not sharded: nothing."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(model, FSDPModule):
+        model.reshard()
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of an FSDP shard (a collective: every rank must call it); else t itself."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def full_weights(model, dtype=torch.bfloat16):
+    """(name, full tensor) for every entry of the state dict, gathered one tensor at a time (peak
+    extra memory: one tensor), for pushing into a rollout engine. Every rank must consume it."""
+    for name, t in model.state_dict().items():
+        yield name, full_tensor(t).to(dtype)
+
+
+def gather_full_state(model, optimizer=None) -> dict:
+    """{"model": full fp32 state dict, "optimizer": full optimizer state} on CPU, for checkpoints:
+    complete on rank 0, empty on the other ranks (a collective: every rank must call it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    if optimizer is None:
+        return {"model": get_model_state_dict(model, options=options)}
+    model_state, optim_state = get_state_dict(model, optimizer, options=options)
+    return {"model": model_state, "optimizer": optim_state}
+
+
+def load_full_state(model, optimizer, state: dict) -> None:
+    """Inverse of gather_full_state: rank 0's full state (other ranks pass {}) into every rank's
+    shards, broadcast from rank 0."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=world_size() > 1)
+    set_model_state_dict(model, state.get("model", {}), options=options)  # (set_state_dict skips an empty dict)
+    set_optimizer_state_dict(model, optimizer, state.get("optimizer", {}), options=options)
+
+
+def gather_tensors(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Full CPU copies of (possibly sharded) tensors, e.g. the EMA teacher's fp32 shadows."""
+    return [full_tensor(t).detach().cpu() for t in tensors]
+
+
+@torch.no_grad()
+def scatter_tensors(tensors: list[torch.Tensor], full: list[torch.Tensor] | None) -> None:
+    """Copy rank 0's full tensors (other ranks pass None) into each rank's shard of `tensors`."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    for i, t in enumerate(tensors):
+        if not isinstance(t, DTensor):
+            t.copy_(full[i])
+            continue
+        import torch.distributed as dist
+
+        whole = full[i].to(t.device) if is_main() else torch.empty(t.shape, dtype=t.dtype, device=t.device)
+        dist.broadcast(whole, src=0)
+        t.copy_(distribute_tensor(whole, t.device_mesh, t.placements, src_data_rank=None))
+
+
+class ShardedGenerator:
+    """Wraps a generator for evaluation under torchrun: each rank samples a contiguous share of
+    the prompts and every rank gets all samples back in order. Shares are padded to equal size,
+    so that FSDP's collective forwards (transformers backend) stay in step. One rank: a pass-through."""
+
+    def __init__(self, generator):
+        self.generator = generator
+
+    def generate(self, prompts: list[list[int]], seed: int = 0, **kwargs) -> list[list[Sample]]:
+        per = -(-len(prompts) // world_size())
+        mine = prompts[rank() * per:(rank() + 1) * per]
+        padded = mine + [prompts[-1]] * (per - len(mine))
+        out = self.generator.generate(padded, seed=seed + 1_000_003 * rank(), **kwargs)[:len(mine)]
+        return [group for part in gather_objects(out) for group in part]
 
 
 # =============================================================================

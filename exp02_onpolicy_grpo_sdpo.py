@@ -10,6 +10,7 @@ Per step: B prompts x n rollouts (temperature 1.0), binary reward from the share
   python exp02_onpolicy_grpo_sdpo.py                      # toy world: GRPO, SDPO c=s, SDPO c=s\\think
   python exp02_onpolicy_grpo_sdpo.py --seeds 0,1,2        # the README's table (mean ± std)
   python exp02_onpolicy_grpo_sdpo.py --model qwen3-8b --method sdpo --teacher-context s
+  torchrun --nproc_per_node 8 exp02_onpolicy_grpo_sdpo.py --model qwen3-8b --backend vllm   # one 8-GPU node
   python exp02_onpolicy_grpo_sdpo.py --model tiny-random --steps 2 ...   # smoke test
 
 Where we depart from the release (also in the README):
@@ -22,8 +23,13 @@ Where we depart from the release (also in the README):
  5. Toy world: its own defaults (lr 2e-4 for every arm — one lr, not the paper's 10x gap between
     GRPO and SDPO —, 16 prompts per step, 60 steps, full-vocabulary divergence since the
     vocabulary has 79 tokens) and greedy evaluation on held-out and OOD cells.
- 6. Single process with transformers generation; multi-GPU FSDP2 and vLLM rollouts with live
-    weight sync belong to the scale-up work and are not in this file yet.
+ 6. Scale-up (README "Scaling up"): `torchrun` shards student and teacher with FSDP2 (fp32 master
+    weights, bf16 compute on CUDA, per-layer activation checkpointing in the math world), each
+    rank taking its share of every mini-batch; `--backend vllm` samples from a colocated vLLM
+    engine that sleeps during the update and receives the new weights after it (rollout
+    correction min(pi_old/pi_rollout, 2); `train/rollout_logprob_gap` logged). The 2-process CPU
+    (gloo) update equals the single-process one (tests/test_scale.py); every CUDA and vLLM path
+    is written but has not been run in this repository.
 """
 from __future__ import annotations
 
@@ -111,7 +117,9 @@ class Settings:
     data_dir: str | None = None
     """math: directory with aime24/amc23 parquet files in the paper's layout (default: the hub)"""
     backend: str = "hf"
-    """rollout backend: hf (vllm needs live weight sync, not implemented yet)"""
+    """rollout backend: hf (transformers, any device) | vllm (CUDA: colocated engine, weights pushed after each update)"""
+    vllm_gpu_memory: float = 0.5
+    """vllm: share of GPU memory its weights and KV cache take while awake (it sleeps while the trainer works)"""
     device: str | None = None
     """cpu | cuda (None: cuda when available)"""
     threads: int = 2
@@ -257,8 +265,11 @@ def token_stats(model, input_ids, attention_mask, labels, k: int | None, chunk: 
     With grad, each chunk is recomputed in backward (checkpoint), so only (N, K) is kept."""
     targets = labels[:, 1:]  # (B, T-1) position p predicts token p+1
     mask = targets != -100  # (B, T-1)
-    with torch.set_grad_enabled(grad):
-        hidden = model.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, :-1][mask]  # (N, H)
+    with torch.set_grad_enabled(grad), common.bf16_compute(input_ids.device):
+        # The root forward (not model.model) so that FSDP gathers the head's weight; logits of the last position only.
+        out = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1, output_hidden_states=True,
+                    use_cache=False)
+        hidden = out.hidden_states[-1][:, :-1][mask]  # (N, H) final-norm hidden states
         weight, tgt = model.get_output_embeddings().weight, targets[mask]  # (V, H), (N,)
         outs = []
         for a in range(0, len(hidden), chunk):
@@ -266,6 +277,8 @@ def token_stats(model, input_ids, attention_mask, labels, k: int | None, chunk: 
             args = (hidden[a:a + chunk], weight, tgt[a:a + chunk], k, ids)
             outs.append(torch.utils.checkpoint.checkpoint(_chunk_stats, *args, use_reentrant=False) if grad
                         else _chunk_stats(*args))
+    if not grad:
+        common.reshard(model)
     tok, dist, entropy = (torch.cat([o[i] for o in outs]) for i in range(3))
     ids = torch.cat([o[3] for o in outs]) if k else None
     return tok, dist, entropy, ids, mask
@@ -319,9 +332,14 @@ def resolve(s: Settings, preset: dict, method: str, vocab: int) -> Settings:
     d = WORLD_DEFAULTS[preset["world"]]
     s = replace(s, **{k: v for k, v in d.items() if getattr(s, k) is None},
                 lr=s.lr if s.lr is not None else LR[(preset["world"], method)])
-    if s.backend == "vllm":  # rollouts from a stale engine would not be on-policy
-        raise ValueError("--backend vllm: pushing updated weights into the vLLM engine is not implemented yet; "
-                         "use --backend hf (the default on every machine for now)")
+    if s.backend not in ("hf", "vllm"):
+        raise ValueError(f"--backend {s.backend!r}: use hf or vllm")
+    if s.backend == "vllm":
+        common.check_vllm(live=True)
+    groups = s.mini_batches * common.world_size()
+    if common.world_size() > 1 and s.prompts_per_step % groups:
+        raise ValueError(f"--prompts-per-step {s.prompts_per_step} must split into --mini-batches x ranks = {groups} "
+                         "equal shares of whole groups")
     if not 0 <= s.ema_rate <= 1:
         raise ValueError(f"--ema-rate {s.ema_rate} must be in [0, 1]")
     if s.topk and s.topk > vocab:
@@ -351,7 +369,7 @@ def collect(s: Settings, method: str, context: str, preset: dict, tokenizer, gen
     for SDPO, [teacher prompt ; response] for the teacher."""
     prompts = [common.prompt_ids(tokenizer, p["prompt"], preset["thinking"]) for p in batch]
     groups = generator.generate(prompts, n=s.rollouts, temperature=s.temperature, top_p=s.top_p,
-                                max_tokens=s.max_new_tokens, seed=s.seed * 100003 + step)
+                                max_tokens=s.max_new_tokens, seed=s.seed * 100003 + step + 1_000_003 * common.rank())
     flat = [x for g in groups for x in g]
     report = common.grade_responses([x.text for x in flat], [p["gold"] for p in batch for _ in range(s.rollouts)], preset)
     seqs = [(prompts[i // s.rollouts], x.token_ids) for i, x in enumerate(flat)]
@@ -366,16 +384,19 @@ def collect(s: Settings, method: str, context: str, preset: dict, tokenizer, gen
 
 
 def update(s: Settings, method: str, student, teacher, opt, data: dict, pad: int, epistemic_ids, step: int) -> dict:
-    """pi_old, then `mini_batches` optimizer steps on grpo_loss or sdpo_loss -> step logs."""
+    """pi_old, then `mini_batches` optimizer steps on grpo_loss or sdpo_loss -> step logs. Under
+    torchrun each rank holds its share of every mini-batch (whole groups); FSDP averages the
+    gradients over ranks, so the per-sequence mean over the whole mini-batch is the same as in one
+    process."""
     device, seqs = epistemic_ids.device, data["seqs"]
     old_rows = []  # pi_old per sequence, before any update of this step
     for a in range(0, len(seqs), s.micro_batch_size):
         ids, att, lab = (t.to(device) for t in common.pack_sequences(seqs[a:a + s.micro_batch_size], pad))
         tok, _, _, _, m = token_stats(student, ids, att, lab, None, s.logit_chunk, grad=False)
         old_rows += list(tok.split(m.sum(1).tolist()))
-    correction = [None if x.logprobs is None else  # rollout correction when another engine sampled
-                  torch.exp(o - torch.tensor(x.logprobs, device=device)).clamp(max=s.rollout_is_clip)
-                  for o, x in zip(old_rows, data["flat"])]
+    log_ratio = [None if x.logprobs is None else o - torch.tensor(x.logprobs, device=device)  # log pi_old/pi_rollout
+                 for o, x in zip(old_rows, data["flat"])]  # only when another engine (vLLM) sampled
+    correction = [None if r is None else torch.exp(r).clamp(max=s.rollout_is_clip) for r in log_ratio]
     advantages = group_advantages(data["rewards"].view(-1, s.rollouts)).view(-1)  # (B*n,)
     has_demo = data.get("has_demo")
     student.train()
@@ -402,13 +423,18 @@ def update(s: Settings, method: str, student, teacher, opt, data: dict, pad: int
                                          "metrics and the last good checkpoint (--resume continues from it)")
             (loss * (sl.stop - sl.start) / mb).backward()  # seq-mean over the whole mini-batch
             logs.append(_token_logs(loss, ent, mask, div, ids, epistemic_ids, None if div is None else has_demo[sl]))
-        norms.append(torch.nn.utils.clip_grad_norm_(student.parameters(), s.grad_clip))
+        norms.append(common.full_tensor(torch.nn.utils.clip_grad_norm_(student.parameters(), s.grad_clip)))
         if not torch.isfinite(norms[-1]):
             raise FloatingPointError(f"non-finite gradient norm at step {step}: stopping; the run directory keeps "
                                      "the metrics and the last good checkpoint (--resume continues from it)")
         opt.step()
     student.eval()
-    return dict(_merge_logs(logs), grad_norm=float(torch.stack(norms).mean()))
+    logs = [x for part in common.gather_objects(logs) for x in part]  # every rank's micro-batches
+    rollout = [r for r in log_ratio if r is not None]  # trainer-vs-rollout health: mean |log-prob gap| per token
+    gap_sum, gap_n = map(sum, zip(*common.gather_objects((sum(r.abs().sum().item() for r in rollout),
+                                                          sum(r.numel() for r in rollout)))))
+    out = dict(_merge_logs(logs), grad_norm=float(torch.stack(norms).mean()))
+    return dict(out, rollout_logprob_gap=gap_sum / gap_n) if gap_n else out
 
 
 def step_metrics(data: dict, logs: dict, lr: float, method: str) -> dict:
@@ -423,82 +449,129 @@ def step_metrics(data: dict, logs: dict, lr: float, method: str) -> dict:
             **{f"train/{k}": v for k, v in epistemic.items() if k.startswith("epistemic")}}
 
 
-def save_state(run, step, student, opt, sched, teacher, teacher_fp32, keep: int) -> None:
-    """Everything a resume needs (the frozen teacher is the loaded model: not saved)."""
-    common.save_checkpoint(run, step, {
-        "student": student.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-        "torch_rng": torch.get_rng_state(), "teacher": teacher.state_dict() if teacher_fp32 else None,
-        "teacher_fp32": teacher_fp32}, keep)
+def save_state(run, step, student, opt, sched, teacher_fp32, keep: int) -> None:
+    """Everything a resume needs, gathered whole from the shards (the frozen teacher is the loaded
+    model and the EMA teacher's weights are its fp32 shadows: neither is saved separately)."""
+    state = dict(common.gather_full_state(student, opt), teacher_fp32=common.gather_tensors(teacher_fp32))
+    if common.is_main():
+        common.save_checkpoint(run, step, {"student": state["model"], "optimizer": state["optimizer"],
+                                           "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state(),
+                                           "teacher_fp32": state["teacher_fp32"]}, keep)
 
 
 def load_state(run, student, opt, sched, teacher, teacher_fp32) -> int:
-    """Restore the newest checkpoint -> the step to continue after."""
-    step, state = common.load_checkpoint(run)
-    student.load_state_dict(state["student"])
-    opt.load_state_dict(state["optimizer"])
-    sched.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["torch_rng"])
-    if state["teacher"] is not None:
-        teacher.load_state_dict(state["teacher"])
-        for mine, saved in zip(teacher_fp32, state["teacher_fp32"]):
-            mine.copy_(saved)
+    """Restore the newest checkpoint -> the step to continue after. Rank 0 reads it; the weights
+    and optimizer state reach the other ranks' shards by broadcast."""
+    full = {}
+
+    def read():  # rank 0 keeps the (large) state; every rank gets the small parts
+        step, full["state"] = common.load_checkpoint(run)
+        return step, full["state"]["scheduler"], full["state"]["torch_rng"]
+
+    step, sched_state, rng = common.main_only(read)
+    state = full.get("state", {})
+    common.load_full_state(student, opt, {"model": state.get("student", {}), "optimizer": state.get("optimizer", {})})
+    sched.load_state_dict(sched_state)
+    torch.set_rng_state(rng)
+    common.scatter_tensors(teacher_fp32, state.get("teacher_fp32"))
+    with torch.no_grad():
+        for p, shadow in zip(teacher.parameters() if teacher_fp32 else [], teacher_fp32):
+            p.copy_(shadow)
     return step
 
 
 def train_arm(s: Settings, method: str, context: str, run_dir: str, sample_batch=None) -> dict:
     """One arm (GRPO or SDPO with one teacher context) for one seed -> final.json contents.
-    `sample_batch(step) -> [{prompt, gold}]` replaces the default seeded epochs (exp04 uses it)."""
+    `sample_batch(step) -> [{prompt, gold}]` replaces the default seeded epochs (exp04 uses it).
+    Under torchrun every rank runs this; rank 0 alone writes files and prints."""
     torch.set_num_threads(s.threads)
     torch.set_flush_denormal(True)  # denormal floats make CPU matmuls ~100x slower
     common.set_seed(s.seed)
-    device = s.device or common.default_device()
-    student, tokenizer, preset = common.load_model(s.model, device=device)
+    device = common.init_distributed(s.device or common.default_device())
+    sharded, cuda = common.world_size() > 1, device.startswith("cuda")
+    # fp32 master weights (bf16 compute on CUDA); sharded runs load on the CPU and FSDP moves each shard.
+    student, tokenizer, preset = common.load_model(s.model, device="cpu" if sharded else device, dtype=torch.float32)
     s = resolve(s, preset, method, vocab=student.get_output_embeddings().weight.shape[0])
     if sample_batch is None:
         problems = train_problems(s, preset)
         if not problems:
             raise ValueError("the training set is empty: check --train-file")
         sample_batch = lambda step: [problems[i] for i in batch_indices(len(problems), s.prompts_per_step, step, s.seed)]  # noqa: E731
-    run = common.start_run(run_dir, replace(s, method=method, teacher_context=context), overwrite=s.overwrite,
-                           resume=s.resume)
-    teacher = copy.deepcopy(student).eval() if method == "sdpo" else None
-    teacher_fp32 = [p.detach().float().clone() for p in teacher.parameters()] if teacher and s.ema_rate else []
+    run = common.main_only(common.start_run, run_dir, replace(s, method=method, teacher_context=context),
+                           overwrite=s.overwrite, resume=s.resume)
+    main = common.is_main()
+    if preset["world"] == "math":  # recompute each decoder layer in backward: activations of 20k-token sequences
+        student.activation_checkpointing_enable({"use_reentrant": False})
+    teacher = copy.deepcopy(student).to(torch.bfloat16 if cuda else torch.float32).eval() if method == "sdpo" else None
+    for model in (student, teacher):
+        if model is not None:
+            common.shard_model(model, mixed_precision=cuda)
+    teacher_fp32 = [p.detach().float().clone() for p in student.parameters()] if teacher and s.ema_rate else []
     opt = torch.optim.AdamW(student.parameters(), lr=s.lr, betas=(0.9, 0.999), weight_decay=s.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / s.warmup_steps))
-    generator = common.make_generator(student, tokenizer, s.backend, seed=s.seed)
+    generator = common.make_generator(student, tokenizer, s.backend, model_path=preset["hub_id"], seed=s.seed,
+                                      live=True, gpu_memory_utilization=s.vllm_gpu_memory)
     epistemic_ids = torch.tensor([any(w in tokenizer.decode([i]).lower() for w in common.EPISTEMIC_WORDS)
                                   for i in range(len(tokenizer))], device=device)  # (V,)
     done = load_state(run, student, opt, sched, teacher, teacher_fp32) if s.resume else 0
-    if not done:
-        base, samples = evaluate_world(s, preset, student, tokenizer, generator)
-        common.log_metrics(run, 0, base)
-        _write_eval_samples(run, samples)
+    if done:
+        generator.load_weights(common.full_weights(student))  # the engine started from the base weights
+    else:
+        base, samples = evaluate_world(s, preset, student, tokenizer, common.ShardedGenerator(generator))
+        if main:
+            common.log_metrics(run, 0, base)
+            _write_eval_samples(run, samples)
     t0 = time.time()
     for step in range(done + 1, s.steps + 1):
-        data = collect(s, method, context, preset, tokenizer, generator, sample_batch(step), step)
+        batch = sample_batch(step)  # the same B prompts on every rank; each takes its share
+        data = collect(s, method, context, preset, tokenizer, generator,
+                       [batch[i] for i in common.rank_share(len(batch), s.mini_batches)], step)
+        generator.sleep()  # vLLM frees its GPU memory for the update
         logs = update(s, method, student, teacher, opt, data, tokenizer.pad_token_id, epistemic_ids, step)
+        generator.load_weights(common.full_weights(student))  # the next rollouts come from the updated policy
         lr_used = sched.get_last_lr()[0]
         sched.step()
         if teacher is not None:
             ema_update(teacher_fp32, teacher, student, s.ema_rate)
-        row = step_metrics(data, logs, lr_used, method)
+        row = step_metrics(gather_rollouts(data), logs, lr_used, method)
         if step % s.eval_every == 0 or step == s.steps:
-            ev, samples = evaluate_world(s, preset, student, tokenizer, generator)
+            ev, samples = evaluate_world(s, preset, student, tokenizer, common.ShardedGenerator(generator))
             row.update(ev)
-            _write_eval_samples(run, samples)
-        common.log_metrics(run, step, dict(row, **{"time/step_s": time.time() - t0}))
+            if main:
+                _write_eval_samples(run, samples)
+        if main:
+            common.log_metrics(run, step, dict(row, **{"time/step_s": time.time() - t0}))
         t0 = time.time()
         if s.checkpoint_every and (step % s.checkpoint_every == 0 or step == s.steps):
-            save_state(run, step, student, opt, sched, teacher, teacher_fp32, s.keep_checkpoints)
-        print(f"[{arm_name(method, context)} seed {s.seed}] step {step} reward {row['train/reward']:.3f} "
-              f"len {row['train/response_length']:.1f} doubt {row['train/epistemic/total']:.2f} "
-              f"loss {row['train/loss']:.4f}", flush=True)
+            save_state(run, step, student, opt, sched, teacher_fp32, s.keep_checkpoints)
+        if main:
+            print(f"[{arm_name(method, context)} seed {s.seed}] step {step} reward {row['train/reward']:.3f} "
+                  f"len {row['train/response_length']:.1f} doubt {row['train/epistemic/total']:.2f} "
+                  f"loss {row['train/loss']:.4f}", flush=True)
+    return common.main_only(_finish, run, s, method, context)
+
+
+def _finish(run, s: Settings, method: str, context: str) -> dict:
     rows = common.read_metrics(run)
     final = {"method": method, "teacher_context": context if method == "sdpo" else None, "seed": s.seed,
              "steps": s.steps, "settings": asdict(s), "base": rows[0], "final": rows[-1],
              "train_time_s": sum(r.get("time/step_s", 0.0) for r in rows)}
     common.finish_run(run, final)
     return final
+
+
+def gather_rollouts(data: dict) -> dict:
+    """The step's rollouts, rewards, demonstration flags and grader counts of every rank (rank
+    order), for the step's metrics; the rollout engine's log-probs are left behind."""
+    parts = common.gather_objects({"flat": [replace(x, logprobs=None) for x in data["flat"]],
+                                   "rewards": data["rewards"], "has_demo": data.get("has_demo"),
+                                   "timeouts": data["report"].timeouts, "errors": data["report"].errors})
+    out = {"flat": [x for p in parts for x in p["flat"]], "rewards": torch.cat([p["rewards"] for p in parts]),
+           "report": common.GradeReport(correct=[], timeouts=sum(p["timeouts"] for p in parts),
+                                        errors=sum(p["errors"] for p in parts))}
+    if data.get("has_demo") is not None:
+        out["has_demo"] = torch.cat([p["has_demo"] for p in parts])
+    return out
 
 
 def _write_eval_samples(run, samples: dict) -> None:
@@ -564,8 +637,9 @@ def main(argv=None) -> list[dict]:
     finals = [train_arm(replace(s, seed=seed), m, c, f"{s.out_dir}/{arm_name(m, c)}/seed{seed}")
               for seed in seeds for m, c in arms]
     rows = summarize(finals)
-    common.write_json_atomic(f"{s.out_dir}/summary.json", rows)
-    print(common.format_table(rows))
+    if common.is_main():
+        common.write_json_atomic(f"{s.out_dir}/summary.json", rows)
+        print(common.format_table(rows))
     return finals
 
 

@@ -132,7 +132,7 @@ def test_chunked_token_stats_equal_unchunked_with_gradients():
     (t1, d1, i1, g1), (t2, d2, i2, g2) = results
     assert t1.shape == (6,) and d1.shape == (6, 5)
     assert torch.allclose(t1, t2, atol=1e-6) and torch.allclose(d1, d2, atol=1e-6) and torch.equal(i1, i2)
-    assert torch.allclose(g1, g2, atol=1e-6)
+    assert torch.allclose(g1, g2, atol=1e-5)  # fp32 sums in another order (gradients up to ~4)
     full = torch.log_softmax(model(input_ids=ids, attention_mask=att).logits[:, :-1].float(), -1)[mask]
     assert torch.allclose(t1, full.gather(-1, lab[:, 1:][mask][:, None])[:, 0], atol=1e-5)
 
@@ -213,8 +213,14 @@ def saved_bytes(fn):
 
 
 def test_chunked_stats_keep_no_positions_by_vocab_tensor_for_backward():
-    """With chunks, what autograd keeps for the loss head is O(N x (H + K)), not O(N x V): the
-    bound below is far under one fp32 (N x V) logits tensor."""
+    """The chunked loss head equals the unchunked one (values and gradients), and what autograd
+    keeps for it is exactly the stated bound, whatever the chunk size:
+
+        kept = V*H*4 (head weight) + N*H*4 (hidden states) + N*(4K + 8) bytes,
+
+    i.e. O(N x (H + K)), never the O(N x V) of one fp32 logits tensor. At N = 20,480 response
+    tokens, K = 100 that is 8.4 MB beyond the weight and the hidden states the model holds anyway;
+    the transient peak is a few (chunk x V) buffers per chunk (README "Benchmarks")."""
     torch.manual_seed(0)
     N, H, V, K = 512, 32, 4096, 8
     hidden = torch.randn(N, H, requires_grad=True)
@@ -226,11 +232,18 @@ def test_chunked_stats_keep_no_positions_by_vocab_tensor_for_backward():
                                                   None, use_reentrant=False) for a in range(0, N, chunk)]
         return torch.cat([o[0] for o in outs]).sum() + torch.cat([o[1] for o in outs]).exp().sum()
 
-    (chunked, kept) = saved_bytes(lambda: head(64))
+    grads, kept_by_chunk = [], []
+    for chunk in (64, 100, N):  # 100: a last chunk shorter than the others
+        hidden.grad = weight.grad = None
+        loss, kept = saved_bytes(lambda: head(chunk))
+        loss.backward()
+        grads.append((loss.detach(), hidden.grad.clone(), weight.grad.clone()))
+        kept_by_chunk.append(kept)
+    for loss, g_hidden, g_weight in grads[:2]:  # chunked == one chunk holding every position
+        assert torch.allclose(loss, grads[-1][0], rtol=1e-6)
+        assert torch.allclose(g_hidden, grads[-1][1], atol=1e-5) and torch.allclose(g_weight, grads[-1][2], atol=1e-5)
+    bound = V * H * 4 + N * H * 4 + N * (4 * K + 8)
+    assert kept_by_chunk == [bound] * 3, (kept_by_chunk, bound)
     (_, kept_unchunked_without_checkpoint) = saved_bytes(
         lambda: e._chunk_stats(hidden, weight, targets, K, None)[0].sum())
-    logits_bytes = N * V * 4
-    assert kept < logits_bytes / 4, (kept, logits_bytes)
-    assert kept_unchunked_without_checkpoint >= logits_bytes  # the naive path keeps (N x V)
-    chunked.backward()
-    assert hidden.grad is not None and torch.isfinite(hidden.grad).all()
+    assert kept_unchunked_without_checkpoint >= N * V * 4  # the naive path keeps (N x V)
