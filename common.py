@@ -258,8 +258,8 @@ class VLLMGenerator:
     def __init__(self, model_path: str, seed: int = 0, gpu_memory_utilization: float = 0.5, live: bool = False,
                  **engine_kwargs):
         check_vllm(live)
-        # In-process engine core: the worker (and the model that push_weights writes into) lives here.
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        if live:  # in-process engine core: the worker (and the model push_weights writes into) lives here
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import LLM  # lazy: importing any project module must work without vllm
 
         if world_size() > 1:  # one engine per torchrun rank, joined to the running process group
