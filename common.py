@@ -1052,7 +1052,7 @@ def evaluate(generator, tokenizer, preset: dict, problems: list[dict], k: int, t
     golds = [p["gold"] for p in problems for _ in range(k)]
     report = grade_responses([s.text for s in flat], golds, preset, timeout_s=grader_timeout_s)
     correct = np.array(report.correct).reshape(len(problems), k)  # (P, k)
-    metrics = {f"avg@{k}": avg_at_k(correct), f"pass@{k}": mean_pass_at_k(correct, k),
+    metrics = {f"avg@{k}": avg_at_k(correct), **({f"pass@{k}": mean_pass_at_k(correct, k)} if k > 1 else {}),  # pass@1 = avg@1
                **response_metrics([s.text for s in flat], [len(s.token_ids) for s in flat],
                                   [s.finish_reason for s in flat], tokenizer, preset["think_in_prompt"]),
                "grader/timeouts": report.timeouts, "grader/errors": report.errors}
@@ -1070,6 +1070,31 @@ def grade_responses(responses: list[str], golds: list[str], preset: dict, timeou
         return GradeReport(correct=[toy_world.verify(r, g) for r, g in zip(responses, golds)],
                            timeouts=0, errors=0, timed_out=[], errored=[])
     return grade(responses, golds, think_in_prompt=preset["think_in_prompt"], timeout_s=timeout_s)
+
+
+def batch_indices(n_problems: int, batch: int, step: int, seed: int) -> list[int]:
+    """Problems of a step: positions (step-1)*B .. step*B-1 of an endless sequence of seeded
+    shuffles of the training set. A pure function of the step, so a resumed run sees the same data."""
+    start, orders = (step - 1) * batch, {}
+    for pos in range(start, start + batch):
+        epoch = pos // n_problems
+        if epoch not in orders:
+            orders[epoch] = random.Random(f"{seed}-{epoch}").sample(range(n_problems), n_problems)
+    return [orders[pos // n_problems][pos % n_problems] for pos in range(start, start + batch)]
+
+
+def lm_step(model, opt, pairs: list[tuple[list[int], list[int]]], pad_id: int, grad_clip: float = 1.0) -> float:
+    """One optimizer step of supervised next-token learning on [(prompt ids, response ids)]:
+    cross-entropy on the response tokens only, averaged over all response tokens of the batch
+    (pretraining of the toy model and the SFT of exp01)."""
+    device = next(model.parameters()).device
+    ids, mask, labels = (t.to(device) for t in pack_sequences(pairs, pad_id))  # (B, T) each
+    loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    return loss.item()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1129,10 +1154,10 @@ def start_run(out_dir: str | Path, settings, overwrite: bool = False, resume: bo
             raise ValueError(f"--resume with different settings than the run in {run}: {sorted(changed)}; "
                              "resume with the same flags or start a new --out-dir")
         return run
-    if (run / "metrics.jsonl").exists() and not overwrite:
+    if (run / "config.json").exists() and not overwrite:
         raise FileExistsError(f"{run} holds an unfinished run: pass --resume to continue it or --overwrite to restart")
     if overwrite and run.exists():
-        for name in ("metrics.jsonl", "final.json", "samples", "checkpoints"):
+        for name in ("metrics.jsonl", "final.json", "samples", "checkpoints", "stages", "students"):
             path = run / name
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     run.mkdir(parents=True, exist_ok=True)
@@ -1179,7 +1204,7 @@ def load_checkpoint(run: Path) -> tuple[int, dict]:
     continued run appends exactly the steps that follow."""
     found = sorted((Path(run) / "checkpoints").glob("step_*"))
     if not found:
-        raise FileNotFoundError(f"--resume: no checkpoint in {Path(run) / 'checkpoints'}; start without --resume")
+        raise FileNotFoundError(f"--resume: no checkpoint in {Path(run) / 'checkpoints'} yet; rerun with --overwrite to start the run again")
     state = torch.load(found[-1] / "state.pt", weights_only=False)
     rows = [r for r in read_metrics(run) if r["step"] <= state["step"]]
     write_json_atomic(Path(run) / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
@@ -1198,10 +1223,14 @@ def finish_run(run: Path, final: dict) -> None:
 # Settings: one flat dataclass per script; each field's docstring is its --help
 # ---------------------------------------------------------------------------------------------
 def field_docs(cls) -> dict[str, str]:
-    """The string literal written under each dataclass field (read from the source)."""
-    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
-    return {a.target.id: b.value.value.strip() for a, b in zip(body, body[1:])
-            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
+    """The string literal written under each dataclass field (read from the source), base classes
+    first so that a sweep's settings (a subclass of its trainer's) can redefine a field."""
+    docs = {}
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
+        body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
+        docs.update({a.target.id: b.value.value.strip() for a, b in zip(body, body[1:])
+                     if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)})
+    return docs
 
 
 def parse_settings(cls, argv: list[str] | None = None):
@@ -1221,6 +1250,15 @@ def parse_settings(cls, argv: list[str] | None = None):
             conv = (lambda b: lambda v: None if v.lower() == "none" else b(v))(base) if "None" in kind else base
             parser.add_argument(flag, type=conv, default=f.default, help=doc)
     return cls(**vars(parser.parse_args(argv)))
+
+
+def mean_std(values: list[float | None]) -> str:
+    """'mean ± std' over seeds (population std), the value alone for one seed, 'n/a' for none;
+    missing values (None, NaN) are left out."""
+    values = [v for v in values if v is not None and v == v]
+    if not values:
+        return "n/a"
+    return f"{np.mean(values):.3f} ± {np.std(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
 
 
 def format_table(rows: list[dict]) -> str:

@@ -354,16 +354,6 @@ def resolve(s: Settings, preset: dict, method: str, vocab: int) -> Settings:
     return s
 
 
-def batch_indices(n_problems: int, batch: int, step: int, seed: int) -> list[int]:
-    """Problems of a step: positions (step-1)*B .. step*B-1 of an endless sequence of seeded
-    shuffles of the training set. A pure function of the step, so a resumed run sees the same data."""
-    start, out = (step - 1) * batch, []
-    for pos in range(start, start + batch):
-        epoch, i = divmod(pos, n_problems)
-        out.append(random.Random(f"{seed}-{epoch}").sample(range(n_problems), n_problems)[i])
-    return out
-
-
 def collect(s: Settings, method: str, context: str, preset: dict, tokenizer, generator, batch: list[dict], step: int):
     """Rollouts, rewards and the sequences the update needs: [prompt ; response] for the student and,
     for SDPO, [teacher prompt ; response] for the teacher."""
@@ -496,7 +486,7 @@ def train_arm(s: Settings, method: str, context: str, run_dir: str, sample_batch
         problems = train_problems(s, preset)
         if not problems:
             raise ValueError("the training set is empty: check --train-file")
-        sample_batch = lambda step: [problems[i] for i in batch_indices(len(problems), s.prompts_per_step, step, s.seed)]  # noqa: E731
+        sample_batch = lambda step: [problems[i] for i in common.batch_indices(len(problems), s.prompts_per_step, step, s.seed)]  # noqa: E731
     run = common.main_only(common.start_run, run_dir, replace(s, method=method, teacher_context=context),
                            overwrite=s.overwrite, resume=s.resume)
     main = common.is_main()
@@ -602,7 +592,7 @@ def _merge_logs(logs: list[dict]) -> dict:
         vals = [l[key] for l in logs]
         if isinstance(vals[0], tuple):  # (sum, count) pairs -> mean per token
             total, count = map(sum, zip(*vals))
-            merged[f"sdpo/{key}"] = total / count if count else float("nan")
+            merged[f"sdpo/{key}"] = total / count if count else None  # null in JSON: no such token this step
         else:
             merged[key] = float(np.mean(vals))
     return merged
@@ -612,19 +602,18 @@ def arm_name(method: str, context: str) -> str:
     return "grpo" if method == "grpo" else f"sdpo_{context}"
 
 
-def summarize(finals: list[dict]) -> list[dict]:
-    """One row per arm: base and final held-out metrics, mean ± std over seeds."""
+def summarize(finals: list[dict], extra_keys=()) -> list[dict]:
+    """One row per arm (`arm` in final.json, else method and context): the last step's training
+    metrics and last evaluation, mean ± std over seeds."""
     keys = [k for k in finals[0]["final"] if k.startswith("eval/") and (k.endswith("/accuracy") or "avg@" in k
             or k.endswith("/response_length") or k.endswith("/epistemic/total"))]
-    keys = ["train/reward", "train/response_length", "train/epistemic/total"] + keys
+    keys = ["train/reward", "train/response_length", "train/epistemic/total", *extra_keys] + keys
+    arm_of = lambda f: f.get("arm") or arm_name(f["method"], f["teacher_context"] or "s")  # noqa: E731
     rows = []
-    for arm in dict.fromkeys(arm_name(f["method"], f["teacher_context"] or "s") for f in finals):
-        fs = [f for f in finals if arm_name(f["method"], f["teacher_context"] or "s") == arm]
-        row = {"arm": arm, "seeds": len(fs)}
-        for k in keys:
-            vals = [f["final"].get(k, float("nan")) for f in fs]
-            row[k.replace("eval/", "")] = f"{np.mean(vals):.3f} ± {np.std(vals):.3f}"
-        rows.append(row)
+    for arm in dict.fromkeys(map(arm_of, finals)):
+        fs = [f for f in finals if arm_of(f) == arm]
+        rows.append({"arm": arm, "seeds": len(fs),
+                     **{k.replace("eval/", ""): common.mean_std([f["final"].get(k) for f in fs]) for k in keys}})
     return rows
 
 

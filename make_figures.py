@@ -138,7 +138,7 @@ def load(results: Path, name: str):
         if "base" not in f.get("table2", {}) or "table1" not in f:
             raise ValueError(f"{found[''][seed] / 'final.json'} has no table1 or no table2 with a base model")
         for model in f["table2"].values():
-            with_accuracies(with_accuracies(model, ""), "forced/")
+            with_accuracies(with_accuracies(model, "eval/"), "eval_forced/")
     return finals or None
 
 
@@ -249,8 +249,9 @@ def fig_table2(ex01: dict) -> tuple[list[dict], pd.DataFrame]:
     models = list(dict.fromkeys(m for f in ex01.values() for m in f["table2"]))
     metrics = list(dict.fromkeys(k for f in ex01.values() for m in f["table2"].values() for k in m))
     avg = next((k.rsplit("/", 1)[1] for k in metrics if re.search(r"/avg@\d+$", k)), "avg@1")
-    sets = list(dict.fromkeys(k.split("/")[0] for k in metrics if k.endswith("/" + avg) and "forced/" not in k))
-    variants = [("", "")] + ([("forced/", " + forcing")] if any(k.startswith("forced/") for k in metrics) else [])
+    sets = list(dict.fromkeys(k.split("/")[1] for k in metrics if k.startswith("eval/") and k.endswith("/" + avg)))
+    variants = [("eval/", "")] + ([("eval_forced/", " + forcing")] if any(k.startswith("eval_forced/") for k in metrics)
+                                  else [])
     pts = [point(panel, model + suffix, s, exp01_values(ex01, "table2", model, f"{prefix}{s}/{metric}"))
            for panel, metric in ((f"accuracy ({avg}) per evaluation set", avg),
                                  ("epistemic/total per response", "epistemic/total"))
@@ -315,7 +316,7 @@ def fig_controls(ex01: dict, ctrl: dict | None, ex02: dict | None, world: str) -
             pts.append(point(f"SDPO c=s: {key.removeprefix('eval/')}", "final", label, last(runs, key)))
     for name in ACCURACY[world]:
         for model in ("base", "D_ug", "D_sg"):
-            for prefix, suffix in (("", ""), ("forced/", " + forcing")):
+            for prefix, suffix in (("eval/", ""), ("eval_forced/", " + forcing")):
                 pts.append(point(f"budget forcing: {name}", f"accuracy{suffix}", model,
                                  exp01_values(ex01, "table2", model, prefix + name)))
     return pts
@@ -437,8 +438,8 @@ def claims(data: dict, world: str) -> tuple[list[dict], list[dict]]:
                 ("`wait`", "epistemic/wait", "none", "s", "83.8 → 3.0 per response", "< 0"),
                 ("s\\think weaker", "epistemic/total", "s", "s_nothink", "8.8 → 159.8", "> 0"),
                 ("regenerated", "epistemic/total", "none", "regenerated", "182.5 → 24.1", "< 0")]]
-    rows += [claim(f"C2 {name}", f"OOD accuracy, {a} → {b} (Table 2)", paper, t2(a, "OOD accuracy"),
-                   t2(b, "OOD accuracy"), expect) for name, a, b, paper, expect in [
+    rows += [claim(f"C2 {name}", f"OOD accuracy, {a} → {b} (Table 2)", paper, t2(a, "eval/OOD accuracy"),
+                   t2(b, "eval/OOD accuracy"), expect) for name, a, b, paper, expect in [
                 ("D_sg degrades", "base", "D_sg", "AIME24 avg@16 54.79 → 20.21", "< 0"),
                 ("D_ug does not", "D_sg", "D_ug", "20.21 → 51.04 (base 54.79)", "> 0")]]
     ref, ood = REF_SET[world], "eval/OOD accuracy"
@@ -469,7 +470,8 @@ def claims(data: dict, world: str) -> tuple[list[dict], list[dict]]:
         between("C5 coverage decides", ood, (f"SDPO c=s on {covs[0]}", covs[-1]), (narrow, broad),
                 "lower as coverage broadens", "< 0")]
     forced = [claim(f"budget forcing: {name}", f"{name} of SFT-D_sg, plain → with forced `wait`",
-                    "toy control: does the word alone help?", t2("D_sg", name), t2("D_sg", f"forced/{name}"), "> 0")
+                    "toy control: does the word alone help?", t2("D_sg", f"eval/{name}"), t2("D_sg", f"eval_forced/{name}"),
+                    "> 0")
               for name in ACCURACY[world]]
     drop = ctrl.get("sdpo_s", {})
     return rows, [between("token vs behaviour", "eval/held-out accuracy", ("SDPO c=s from the shipped base",

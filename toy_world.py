@@ -218,7 +218,7 @@ class PretrainSettings:
 
 
 def corpus_batch(rng: random.Random, tokenizer, s: PretrainSettings, n: int, cells=PRETRAIN_CELLS):
-    """n fresh (prompt, response) examples -> input ids and labels (loss on the response only)."""
+    """n fresh (prompt ids, response ids) examples from the writer."""
     seqs, cell = [], rng.choice(cells)  # one cell per batch: little padding
     for _ in range(n):
         g = make_graph(rng, *cell)
@@ -227,7 +227,7 @@ def corpus_batch(rng: random.Random, tokenizer, s: PretrainSettings, n: int, cel
         prompt_ids = common.prompt_ids(tokenizer, user_message(g, hint, rng, s.p_confident), thinking=True)
         response_ids = tokenizer(response).input_ids + [tokenizer.eos_token_id]
         seqs.append((prompt_ids, response_ids))
-    return common.pack_sequences(seqs, tokenizer.pad_token_id)
+    return seqs
 
 
 def new_model(tokenizer, s: PretrainSettings):
@@ -253,15 +253,10 @@ def pretrain(s: PretrainSettings) -> None:
         0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, k / s.steps)))))
     t0 = time.time()
     for step in range(1, s.steps + 1):
-        input_ids, attention_mask, labels = corpus_batch(rng, tokenizer, s, s.batch_size)
-        loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        loss = common.lm_step(model, opt, corpus_batch(rng, tokenizer, s, s.batch_size), tokenizer.pad_token_id)
         sched.step()
         if step % 50 == 0:
-            print(f"step {step} loss {loss.item():.4f} {time.time() - t0:.0f}s", flush=True)
+            print(f"step {step} loss {loss:.4f} {time.time() - t0:.0f}s", flush=True)
         if step % s.eval_every == 0 or step == s.steps:
             acc = {c: evaluate_cell(model, tokenizer, c, "none", n=64)["accuracy"] for c in EVAL_CELLS}
             print(f"step {step} greedy accuracy {acc}", flush=True)

@@ -26,3 +26,29 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "paper").exists():
         pytest.skip(f"{SHARED_DATA} is absent (it ships beside the repo, not in it)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def answering_model(tmp_path_factory) -> Path:
+    """A tiny-random Qwen3 fine-tuned for a few seconds to answer every question with a short
+    thinking block and `\\boxed{2}`, saved as a local model directory: end-to-end tests get real,
+    gradeable successes (and failures, at temperature 1) through the math-world code path."""
+    import torch
+
+    import common
+
+    model, tokenizer = common.tiny_random_model()
+    text = "<think>\nhmm, maybe two\n</think>\n\n\\boxed{2}"
+    response = tokenizer(text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    questions = [f"What is {i}+{2 - i}?" for i in range(3)]  # asked plainly and with the teacher's hint
+    messages = questions + [common.teacher_message(q, hint) for q in questions for hint in (text, "\\boxed{2}")]
+    pairs = [(common.prompt_ids(tokenizer, m, thinking=True), response) for m in messages]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    torch.manual_seed(0)
+    for _ in range(300):  # until the response is learnt (~60 steps)
+        if common.lm_step(model, opt, pairs, tokenizer.pad_token_id) < 0.01:
+            break
+    path = tmp_path_factory.mktemp("answering_model")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -1,6 +1,7 @@
 """Model presets, prompts, generation, run directories and settings parsing; and the
 tiny-random integration test prompt -> generate -> grade -> metrics."""
 import json
+import sys
 from dataclasses import dataclass
 
 import pytest
@@ -129,3 +130,13 @@ def test_offline_hub_errors_suggest_local_files(monkeypatch):
 def test_load_problems_from_local_files(shared_data):
     problems = common.load_problems("aime25", data_dir=str(shared_data / "paper" / "evaluation"))
     assert len(problems) == 30 and all(p["prompt"].endswith(common.INSTRUCTION) for p in problems)
+
+
+def test_every_module_imports_without_vllm():
+    import importlib
+    import pathlib
+
+    root = pathlib.Path(common.__file__).parent
+    for path in sorted(root.glob("*.py")):
+        importlib.import_module(path.stem)
+    assert "vllm" not in sys.modules  # imported lazily, only by the vLLM backend

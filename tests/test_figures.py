@@ -74,8 +74,8 @@ def context_metrics(acc: float, length: float, doubt: float) -> dict:
 
 
 def model_metrics(acc: float, ood: float, doubt: float, forced_gain: float, sft: bool) -> dict:
-    m = {**eval_metrics("", acc, ood, doubt, 20.0),
-         **eval_metrics("forced/", acc + forced_gain, ood + forced_gain, doubt + 1, 24.0, TOY_SETS[:4])}
+    m = {**eval_metrics("eval/", acc, ood, doubt, 20.0),
+         **eval_metrics("eval_forced/", acc + forced_gain, ood + forced_gain, doubt + 1, 24.0, TOY_SETS[:4])}
     return dict(m, **({"sft/examples": 90, "sft/steps": 56, "sft/tokens": 9000} if sft else {}))
 
 
@@ -157,7 +157,7 @@ def test_every_figure_and_the_claims_report_from_a_synthetic_tree(tmp_path):
     table1 = pd.read_csv(results / "figures" / "table1.csv")
     assert table1["accuracy mean"].tolist() == pytest.approx([0.505, 0.98, 0.8, 0.95])
     table2 = pd.read_csv(results / "figures" / "table2.csv")
-    assert table2.model.tolist() == ["base", "D_ug", "D_sg"] and "forced/ood_d4/avg@1 mean" in table2
+    assert table2.model.tolist() == ["base", "D_ug", "D_sg"] and "eval_forced/ood_d4/avg@1 mean" in table2
     text = (results / "claims.md").read_text()
     assert text in proc.stdout
     rows = report_rows(text)
@@ -181,9 +181,9 @@ def test_math_world_is_detected_from_the_set_names(tmp_path, capsys):
     results = tmp_path / "results"
     sets = {"sets": ("aime24", "aime25", "amc23", "math500"), "k": 16}
     for seed in (0, 1):
-        table2 = {"base": eval_metrics("", 0, 0.55, 80.0, 13000.0, **sets),
-                  "D_ug": eval_metrics("", 0, 0.51 + 0.01 * seed, 70.0, 12000.0, **sets),
-                  "D_sg": eval_metrics("", 0, 0.20, 5.0, 3000.0, **sets)}
+        table2 = {"base": eval_metrics("eval/", 0, 0.55, 80.0, 13000.0, **sets),
+                  "D_ug": eval_metrics("eval/", 0, 0.51 + 0.01 * seed, 70.0, 12000.0, **sets),
+                  "D_sg": eval_metrics("eval/", 0, 0.20, 5.0, 3000.0, **sets)}
         table1 = {c: context_metrics(0.5, 13000.0, 90.0) for c in ("none", "s", "s_nothink")}
         table1["regenerated"] = {"questions": 0}  # a context with no question has only this key
         final = {"seed": seed, "world": "math", "table1": table1, "table2": table2}
@@ -198,7 +198,7 @@ def test_math_world_is_detected_from_the_set_names(tmp_path, capsys):
     assert rows["C2 D_sg degrades"] == "yes" and rows["C3 OOD accuracy"] == "yes" and rows["C1 regenerated"] == "n/a"
     curves = pd.read_csv(results / "figures" / "exp02_onpolicy.csv", comment="#")
     assert "sdpo_s · AMC23 accuracy" in set(curves.series)
-    assert "aime24/avg@16 mean" in pd.read_csv(results / "figures" / "table2.csv")
+    assert "eval/aime24/avg@16 mean" in pd.read_csv(results / "figures" / "table2.csv")
 
 
 def test_subsets_claims_only_and_absent_controls(tmp_path, capsys):
