@@ -106,7 +106,7 @@ def load_model(name: str, device: str | None = None, dtype: torch.dtype | None =
         path = preset["hub_id"]
         if preset["world"] == "toy" and not Path(path).exists():
             raise FileNotFoundError(f"the toy model is missing at {path}: regenerate it with "
-                                    "`python toy_world.py pretrain --out-dir toy_model`")
+                                    "`python toy_world.py build` (or `git checkout toy_model`)")
         try:
             tokenizer = AutoTokenizer.from_pretrained(path)
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)

@@ -16,7 +16,8 @@ hint format (`common.teacher_message`):
 
 Commands
   python toy_world.py evaluate                 # the shipped model's accuracy table (the main job for now)
-  python toy_world.py pretrain --out-dir toy_model   # regenerates the shipped model (deterministic)
+  python toy_world.py build                    # regenerates the shipped model: the 3-stage RECIPE (~1 h 50 min, 2 cores)
+  python toy_world.py pretrain --help          # one pretraining stage (controls continue from toy_model)
 
 Design choices (listed in the README too):
  1. With probability `p_confident` the unguided writer drops `maybe` before the goal arm (it
@@ -215,11 +216,19 @@ class PretrainSettings:
     """steps between greedy accuracy checks on the evaluation cells"""
     threads: int = 2
     """torch CPU threads (the wall time in the README is for 2)"""
+    extra_cells: str = ""
+    """cells added to the corpus' cell list to oversample them, e.g. `5x4,4x5` (recipe stage 3)"""
 
 
-def corpus_batch(rng: random.Random, tokenizer, s: PretrainSettings, n: int, cells=PRETRAIN_CELLS):
+def corpus_cells(s: PretrainSettings) -> list[tuple[int, int]]:
+    """PRETRAIN_CELLS plus `extra_cells` ("DxL,DxL"): a cell listed twice is drawn twice as often."""
+    extra = [tuple(int(v) for v in c.split("x")) for c in s.extra_cells.split(",") if c.strip()]
+    return PRETRAIN_CELLS + extra
+
+
+def corpus_batch(rng: random.Random, tokenizer, s: PretrainSettings, n: int):
     """n fresh (prompt ids, response ids) examples from the writer."""
-    seqs, cell = [], rng.choice(cells)  # one cell per batch: little padding
+    seqs, cell = [], rng.choice(corpus_cells(s))  # one cell per batch: little padding
     for _ in range(n):
         g = make_graph(rng, *cell)
         hint = rng.choice(["full", "full", "answer"]) if rng.random() < s.p_guided else "none"
@@ -265,6 +274,26 @@ def pretrain(s: PretrainSettings) -> None:
     print(f"saved {s.out_dir} after {time.time() - t0:.0f}s")
 
 
+# How the shipped toy_model/ was made. Stage 1 alone reached greedy accuracy 0.870 on ood_d5 (n=200),
+# under the 0.9 bar; a plain continuation (stage 2) did not move it (0.875); stage 3 oversamples the
+# deeper cells at a lower learning rate (0.930). The bar is about the base model's competence; no
+# stage looks at distillation or RL results.
+RECIPE = [
+    dict(seed=0, steps=10000, lr=2e-3, threads=2),
+    dict(seed=1, steps=3000, lr=5e-4, threads=2),
+    dict(seed=2, steps=2000, lr=5e-4, threads=1, extra_cells="5x3,5x4,5x5,4x4,4x5,5x4"),
+]
+
+
+def build(out_dir: str = "toy_model") -> None:
+    """Run RECIPE stage by stage, each continuing from the last (stage k is kept in `out_dir.stage<k>`)."""
+    init = None
+    for k, stage in enumerate(RECIPE, 1):
+        stage_dir = out_dir if k == len(RECIPE) else f"{out_dir}.stage{k}"
+        pretrain(PretrainSettings(out_dir=stage_dir, init_from=init, **stage))
+        init = stage_dir
+
+
 def cell_problems(cell: str | tuple[int, int], n: int, split: str = "heldout", hint: str = "none",
                   seed: int = 0) -> list[dict]:
     """Evaluation problems {prompt, gold} of one cell (a name from EVAL_CELLS or a (D, L) pair)."""
@@ -288,8 +317,11 @@ def main(argv: list[str] | None = None) -> None:
     if argv[:1] == ["pretrain"]:
         pretrain(common.parse_settings(PretrainSettings, argv[1:]))
         return
+    if argv[:1] == ["build"]:
+        build(*argv[1:2])
+        return
     if argv[:1] not in (["evaluate"], []):
-        raise ValueError(f"unknown command {argv[0]!r}: usage: python toy_world.py [evaluate | pretrain [--help]]")
+        raise ValueError(f"unknown command {argv[0]!r}: usage: python toy_world.py [evaluate | build [OUT_DIR] | pretrain [--help]]")
     torch.set_num_threads(2)
     model, tokenizer, _ = common.load_model("toy")
     rows = []
