@@ -1140,14 +1140,14 @@ def environment_info() -> dict:
 def start_run(out_dir: str | Path, settings, overwrite: bool = False, resume: bool = False) -> Path:
     """Create a run directory and write config.json (all settings, seed, commit, versions). A
     finished run (final.json) is never overwritten unless `overwrite`; an unfinished one is only
-    continued with `resume` (same settings) or replaced with `overwrite`."""
+    continued with `resume` (same settings) or replaced with `overwrite`. With `resume`, a run not
+    begun yet starts fresh, so one `--resume` continues a whole interrupted sweep (callers skip
+    finished runs first with `finished_run`)."""
     run = Path(out_dir)
     settings_dict = dataclasses.asdict(settings)
     if (run / "final.json").exists() and not overwrite:
         raise FileExistsError(f"{run} holds a finished run (final.json): choose another --out-dir or pass --overwrite")
-    if resume:
-        if not (run / "config.json").exists():
-            raise FileNotFoundError(f"--resume: {run} has no run to continue (no config.json); drop --resume")
+    if resume and (run / "config.json").exists():
         saved = json.loads((run / "config.json").read_text())["settings"]
         changed = {k for k in settings_dict if k not in ("resume", "overwrite") and saved.get(k) != settings_dict[k]}
         if changed:
@@ -1163,6 +1163,15 @@ def start_run(out_dir: str | Path, settings, overwrite: bool = False, resume: bo
     run.mkdir(parents=True, exist_ok=True)
     write_json_atomic(run / "config.json", {"settings": settings_dict, **environment_info()})
     return run
+
+
+def finished_run(out_dir: str | Path, resume: bool) -> dict | None:
+    """Under `resume`, the final.json of a run that already finished (a sweep skips it), else None."""
+    path = Path(out_dir) / "final.json"
+    if resume and path.exists():
+        print(f"{out_dir}: finished earlier, skipped (--resume)", flush=True)
+        return json.loads(path.read_text())
+    return None
 
 
 def read_metrics(run: str | Path) -> list[dict]:

@@ -286,6 +286,8 @@ def first_correct_text(group: list[dict] | None) -> str | None:
 
 
 def run_seed(s: Settings) -> dict:
+    if (final := common.finished_run(Path(s.out_dir) / f"seed{s.seed}", s.resume)) is not None:
+        return final
     torch.set_num_threads(s.threads)
     torch.set_flush_denormal(True)  # denormal floats make CPU matmuls ~100x slower
     common.set_seed(s.seed)

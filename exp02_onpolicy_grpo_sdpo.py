@@ -474,6 +474,8 @@ def train_arm(s: Settings, method: str, context: str, run_dir: str, sample_batch
     """One arm (GRPO or SDPO with one teacher context) for one seed -> final.json contents.
     `sample_batch(step) -> [{prompt, gold}]` replaces the default seeded epochs (exp04 uses it).
     Under torchrun every rank runs this; rank 0 alone writes files and prints."""
+    if (final := common.finished_run(run_dir, s.resume)) is not None:
+        return final
     torch.set_num_threads(s.threads)
     torch.set_flush_denormal(True)  # denormal floats make CPU matmuls ~100x slower
     common.set_seed(s.seed)

@@ -53,14 +53,14 @@ DEFINITIONS = {
 }
 SEEDS = "--seeds 0,1,2"
 DROP_HEDGE = "results/controls/drop_hedge"
-COMMANDS = {
+COMMANDS = {  # what reproduce_toy.sh runs for each part (exp03 and exp04 on reduced sweeps)
     "exp01": f"python exp01_offpolicy.py {SEEDS}",
     "exp02": f"python exp02_onpolicy_grpo_sdpo.py {SEEDS}",
-    "exp03": f"python exp03_ema_teacher.py {SEEDS}",
-    "exp04": f"python exp04_coverage.py {SEEDS}",
-    "controls": f"python toy_world.py pretrain --init-from toy_model --p-drop-hedge 0.5 --out-dir {DROP_HEDGE}/model "
-                f"&& python exp02_onpolicy_grpo_sdpo.py --model {DROP_HEDGE}/model --method sdpo --teacher-context s "
-                f"{SEEDS} --out-dir {DROP_HEDGE}/exp02",
+    "exp03": f"python exp03_ema_teacher.py --ema-rates 0,0.05,0.2 {SEEDS}",
+    "exp04": f"python exp04_coverage.py --coverages 1,64,fresh {SEEDS}",
+    "controls": f"python toy_world.py pretrain --init-from toy_model --p-drop-hedge 0.5 --seed 3 --steps 2000 --lr 5e-4 "
+                f"--out-dir {DROP_HEDGE}/model && python exp02_onpolicy_grpo_sdpo.py --model {DROP_HEDGE}/model "
+                f"--method sdpo --teacher-context s {SEEDS} --out-dir {DROP_HEDGE}/exp02",
 }
 NEEDS = {"exp01": ["exp01"], "exp02": ["exp02"], "exp03": ["exp03"], "exp04": ["exp04"], "controls": ["exp01"]}
 RUN_DIRS = {"controls": "controls/drop_hedge/exp02"}  # the others: results/<name>

@@ -133,3 +133,21 @@ def test_unfinished_run_is_neither_overwritten_nor_silently_continued(tmp_path):
     with open(run / "metrics.jsonl", "a") as f:
         f.write('{"step": 2, "x": ')  # a line cut by a crash
     assert [r["step"] for r in common.read_metrics(run)] == [1]
+
+
+def test_resume_skips_finished_runs_and_starts_runs_not_begun(tmp_path):
+    """One `--resume` continues an interrupted sweep: finished runs are returned, new ones start."""
+    from dataclasses import dataclass
+
+    @dataclass
+    class S:
+        seed: int = 0
+        """seed"""
+
+    done = common.start_run(tmp_path / "done", S())
+    common.finish_run(done, {"final": {"x": 1.0}})
+    assert common.finished_run(done, resume=True) == {"final": {"x": 1.0}}
+    assert common.finished_run(done, resume=False) is None
+    assert common.finished_run(tmp_path / "new", resume=True) is None
+    assert common.start_run(tmp_path / "new", S(), resume=True) == tmp_path / "new"
+    assert (tmp_path / "new" / "config.json").exists()
