@@ -1149,7 +1149,8 @@ def start_run(out_dir: str | Path, settings, overwrite: bool = False, resume: bo
         raise FileExistsError(f"{run} holds a finished run (final.json): choose another --out-dir or pass --overwrite")
     if resume and (run / "config.json").exists():
         saved = json.loads((run / "config.json").read_text())["settings"]
-        changed = {k for k in settings_dict if k not in ("resume", "overwrite") and saved.get(k) != settings_dict[k]}
+        sweep_only = ("resume", "overwrite", "seeds", "ema_rates")  # how the run was launched, not what it computes
+        changed = {k for k in settings_dict if k not in sweep_only and saved.get(k) != settings_dict[k]}
         if changed:
             raise ValueError(f"--resume with different settings than the run in {run}: {sorted(changed)}; "
                              "resume with the same flags or start a new --out-dir")
@@ -1210,10 +1211,13 @@ def save_checkpoint(run: Path, step: int, state: dict, keep: int = 1) -> None:
 
 def load_checkpoint(run: Path) -> tuple[int, dict]:
     """(step, state) of the newest checkpoint; metrics.jsonl is cut back to that step so that the
-    continued run appends exactly the steps that follow."""
+    continued run appends exactly the steps that follow. A run that stopped before its first
+    checkpoint has nothing to continue: (0, {}) with its metrics cleared, and it starts again."""
     found = sorted((Path(run) / "checkpoints").glob("step_*"))
     if not found:
-        raise FileNotFoundError(f"--resume: no checkpoint in {Path(run) / 'checkpoints'} yet; rerun with --overwrite to start the run again")
+        print(f"--resume: {run} has no checkpoint yet; starting it again from step 0", flush=True)
+        Path(run, "metrics.jsonl").unlink(missing_ok=True)
+        return 0, {}
     state = torch.load(found[-1] / "state.pt", weights_only=False)
     rows = [r for r in read_metrics(run) if r["step"] <= state["step"]]
     write_json_atomic(Path(run) / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))

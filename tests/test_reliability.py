@@ -151,3 +151,18 @@ def test_resume_skips_finished_runs_and_starts_runs_not_begun(tmp_path):
     assert common.finished_run(tmp_path / "new", resume=True) is None
     assert common.start_run(tmp_path / "new", S(), resume=True) == tmp_path / "new"
     assert (tmp_path / "new" / "config.json").exists()
+
+
+def test_resume_before_the_first_checkpoint_starts_again(tmp_path):
+    """A run cut off before its first checkpoint has nothing to continue: its metrics are cleared
+    and it starts from step 0 (the run, not an error)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    common.log_metrics(run, 0, {"x": 1.0})
+    assert common.load_checkpoint(run) == (0, {})
+    assert common.read_metrics(run) == []
+    common.save_checkpoint(run, 3, {"w": 1})
+    common.log_metrics(run, 3, {"x": 2.0})
+    common.log_metrics(run, 4, {"x": 3.0})
+    step, state = common.load_checkpoint(run)
+    assert (step, state["w"]) == (3, 1) and [r["step"] for r in common.read_metrics(run)] == [3]
