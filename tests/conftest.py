@@ -45,9 +45,14 @@ def answering_model(tmp_path_factory) -> Path:
     pairs = [(common.prompt_ids(tokenizer, m, thinking=True), response) for m in messages]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     torch.manual_seed(0)
-    for _ in range(300):  # until the response is learnt (~60 steps)
-        if common.lm_step(model, opt, pairs, tokenizer.pad_token_id) < 0.01:
+    ids, mask, labels = common.pack_sequences(pairs, tokenizer.pad_token_id)
+    for _ in range(300):  # until the response is learnt (~60 steps), judged after the update
+        common.lm_step(model, opt, pairs, tokenizer.pad_token_id)
+        with torch.no_grad():
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss.item()
+        if loss < 0.01:
             break
+    assert loss < 0.01, f"the answering model did not learn its response (loss {loss:.3f})"
     path = tmp_path_factory.mktemp("answering_model")
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
