@@ -59,7 +59,7 @@ class Settings:
     """seed of the run (question order, sampling, SFT order)"""
     seeds: str = ""
     """comma-separated seeds to run one after another (overrides --seed), e.g. 0,1,2"""
-    out_dir: str = "results/exp01"
+    out_dir: str = "runs/exp01"
     """output directory; each seed writes <out_dir>/seed<k>/"""
     overwrite: bool = False
     """allow replacing a finished run directory"""

@@ -58,7 +58,7 @@ class Settings:
     """seed of the run (sampling, data order, initialisation of nothing: the model is loaded)"""
     seeds: str = ""
     """comma-separated seeds to run one after another (overrides --seed), e.g. 0,1,2"""
-    out_dir: str = "results/exp02"
+    out_dir: str = "runs/exp02"
     """run directory; each arm and seed writes <out_dir>/<arm>/seed<k>/"""
     overwrite: bool = False
     """allow replacing a finished run directory"""

@@ -29,7 +29,7 @@ import exp02_onpolicy_grpo_sdpo as exp02
 class Settings(exp02.Settings):
     method: str = "sdpo"
     """SDPO only: the EMA teacher is an SDPO ablation"""
-    out_dir: str = "results/exp03"
+    out_dir: str = "runs/exp03"
     """run directory; each rate and seed writes <out_dir>/ema<tau>/seed<k>/"""
     ema_rates: str = "0,0.01,0.05,0.2"
     """teacher EMA rates tau to compare (0 = the frozen initial teacher)"""

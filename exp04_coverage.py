@@ -32,7 +32,7 @@ import exp02_onpolicy_grpo_sdpo as exp02
 
 @dataclass
 class Settings(exp02.Settings):
-    out_dir: str = "results/exp04"
+    out_dir: str = "runs/exp04"
     """run directory; each coverage, arm and seed writes <out_dir>/<coverage>/<arm>/seed<k>/"""
     method: str = "all"
     """grpo | sdpo | all (all = GRPO and SDPO with --teacher-context)"""

@@ -15,7 +15,7 @@ Table 1 and Table 2 as CSV, and the claims report (printed and written to <resul
   python make_figures.py                         # every figure and the claims report
   python make_figures.py --only exp02,exp03      # a subset of the figures (the report covers all)
   python make_figures.py --claims                # print the claims report only; writes nothing
-  python make_figures.py --results other/dir     # another results tree
+  python make_figures.py --results runs          # your own runs (the scripts write to runs/<exp>/ by default)
 
 Each claims row compares two per-seed quantities A → B (e.g. OOD accuracy at step 0 → at the last
 evaluation of SDPO c=s) and judges Δ = B − A, paired by seed: "yes" when Δ has the paper's sign in
@@ -54,10 +54,10 @@ DEFINITIONS = {
 SEEDS = "--seeds 0,1,2"
 DROP_HEDGE = "results/controls/drop_hedge"
 COMMANDS = {  # what reproduce_toy.sh runs for each part (exp03 and exp04 on reduced sweeps)
-    "exp01": f"python exp01_offpolicy.py {SEEDS}",
-    "exp02": f"python exp02_onpolicy_grpo_sdpo.py {SEEDS}",
-    "exp03": f"python exp03_ema_teacher.py --ema-rates 0,0.05,0.2 {SEEDS}",
-    "exp04": f"python exp04_coverage.py --coverages 1,64,fresh {SEEDS}",
+    "exp01": f"python exp01_offpolicy.py {SEEDS} --out-dir results/exp01",
+    "exp02": f"python exp02_onpolicy_grpo_sdpo.py {SEEDS} --out-dir results/exp02",
+    "exp03": f"python exp03_ema_teacher.py --ema-rates 0,0.05,0.2 {SEEDS} --out-dir results/exp03",
+    "exp04": f"python exp04_coverage.py --coverages 1,64,fresh {SEEDS} --out-dir results/exp04",
     "controls": f"python toy_world.py pretrain --init-from toy_model --p-drop-hedge 0.5 --seed 3 --steps 2000 --lr 5e-4 "
                 f"--out-dir {DROP_HEDGE}/model && python exp02_onpolicy_grpo_sdpo.py --model {DROP_HEDGE}/model "
                 f"--method sdpo --teacher-context s {SEEDS} --out-dir {DROP_HEDGE}/exp02",
@@ -73,7 +73,7 @@ class MissingResults(Exception):
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--results", default="results", help="results directory to read; figures go to <results>/figures/")
+    p.add_argument("--results", default="results", help="results tree to read: results (the reference runs) or runs (the scripts' default --out-dir); figures go to <results>/figures/")
     p.add_argument("--only", default="", help=f"comma-separated figures to build: {','.join(NEEDS)} (default: all)")
     p.add_argument("--claims", action="store_true", help="print the claims report only (no figure, no file written)")
     return p.parse_args(argv)

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Every toy-world result in the README (results/), then the figures and the claims report.
+# (The scripts alone write to runs/<exp>/, so they never touch these reference results.)
 # Two lanes of one-thread runs share the 2 CPU cores; every command resumes (finished runs are
 # skipped), so re-running this script after an interruption continues where it stopped.
 #   bash reproduce_toy.sh            # both lanes in parallel, then `final`
@@ -12,18 +13,18 @@ PY=${PYTHON:-python}
 RUN="--threads 1 --resume"
 SEEDS=0,1,2
 DH=results/controls/drop_hedge
-EXP03="exp03_ema_teacher.py --ema-rates 0,0.05,0.2"
-EXP04="exp04_coverage.py --coverages 1,64,fresh"
+EXP03="exp03_ema_teacher.py --ema-rates 0,0.05,0.2 --out-dir results/exp03"
+EXP04="exp04_coverage.py --coverages 1,64,fresh --out-dir results/exp04"
 mkdir -p results/logs
 
 lane_a() {
-  $PY exp02_onpolicy_grpo_sdpo.py --seeds $SEEDS $RUN
+  $PY exp02_onpolicy_grpo_sdpo.py --seeds $SEEDS $RUN --out-dir results/exp02
   $PY $EXP03 --seeds 0,1 $RUN
   $PY $EXP04 --seeds 0 $RUN
 }
 
 lane_b() {
-  $PY exp01_offpolicy.py --seeds $SEEDS $RUN
+  $PY exp01_offpolicy.py --seeds $SEEDS $RUN --out-dir results/exp01
   # Control (token vs behaviour): the base continued-pretrained on a corpus that omits half the
   # `maybe`s while still backtracking, then the same SDPO c = s run as exp02.
   [ -f $DH/model/model.safetensors ] || $PY toy_world.py pretrain --init-from toy_model --p-drop-hedge 0.5 \
@@ -36,7 +37,7 @@ lane_b() {
 }
 
 final() {  # every run is finished: the 3-seed summaries, the figures and the claims report
-  $PY exp02_onpolicy_grpo_sdpo.py --seeds $SEEDS $RUN
+  $PY exp02_onpolicy_grpo_sdpo.py --seeds $SEEDS $RUN --out-dir results/exp02
   $PY $EXP03 --seeds $SEEDS $RUN
   $PY $EXP04 --seeds $SEEDS $RUN
   $PY make_figures.py
