@@ -456,10 +456,12 @@ def load_state(run, student, opt, sched, teacher, teacher_fp32) -> int:
 
     def read():  # rank 0 keeps the (large) state; every rank gets the small parts
         step, full["state"] = common.load_checkpoint(run)
-        return step, full["state"].get("scheduler"), full["state"].get("torch_rng")
+        if step == 0:  # no checkpoint yet: the run starts again
+            return 0, None, None
+        return step, full["state"]["scheduler"], full["state"]["torch_rng"]
 
     step, sched_state, rng = common.main_only(read)
-    if step == 0:  # no checkpoint yet: the run starts again
+    if step == 0:
         return 0
     state = full.get("state", {})
     common.load_full_state(student, opt, {"model": state.get("student", {}), "optimizer": state.get("optimizer", {})})

@@ -13,12 +13,13 @@ PY=${PYTHON:-python}
 RUN="--threads 1 --resume"
 SEEDS=0,1,2
 DH=results/controls/drop_hedge
+EXP02="exp02_onpolicy_grpo_sdpo.py --out-dir results/exp02"
 EXP03="exp03_ema_teacher.py --ema-rates 0,0.05,0.2 --out-dir results/exp03"
 EXP04="exp04_coverage.py --coverages 1,64,fresh --out-dir results/exp04"
 mkdir -p results/logs
 
 lane_a() {
-  $PY exp02_onpolicy_grpo_sdpo.py --seeds $SEEDS $RUN --out-dir results/exp02
+  $PY $EXP02 --seeds $SEEDS $RUN
   $PY $EXP03 --seeds 0,1 $RUN
   $PY $EXP04 --seeds 0 $RUN
 }
@@ -37,7 +38,7 @@ lane_b() {
 }
 
 final() {  # every run is finished: the 3-seed summaries, the figures and the claims report
-  $PY exp02_onpolicy_grpo_sdpo.py --seeds $SEEDS $RUN --out-dir results/exp02
+  $PY $EXP02 --seeds $SEEDS $RUN
   $PY $EXP03 --seeds $SEEDS $RUN
   $PY $EXP04 --seeds $SEEDS $RUN
   $PY make_figures.py
