@@ -70,7 +70,9 @@ def cli(main_fn, argv=None):
     """Run a script's main(); bad input ends with one clear line on stderr and exit code 2
     instead of a traceback."""
     try:
-        return main_fn(argv)
+        result = main_fn(argv)
+        shutdown_distributed()
+        return result
     except (ValueError, FileExistsError, FileNotFoundError, SetupError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -354,8 +356,19 @@ def init_distributed(device: str) -> str:
     if dist.is_initialized():  # a second arm or seed in the same run
         return device
     dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    atexit.register(dist.destroy_process_group)
+    atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())  # a rank that failed
     return device
+
+
+def shutdown_distributed() -> None:
+    """After a run that succeeded on every rank: end the process group together. The barrier keeps
+    a rank from tearing down its connections while a peer still uses them (gloo then aborts the
+    peer at exit, "terminate called without an active exception"). No-op without torchrun."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def world_size() -> int:
