@@ -93,6 +93,7 @@ def worker(out_file: str) -> None:
     results = {method: one_step(method) for method in ("grpo", "sdpo")}
     if common.is_main():
         torch.save(results, out_file)
+    common.shutdown_distributed()
 
 
 def torchrun(args: list[str], timeout: int = 240) -> str:
