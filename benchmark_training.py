@@ -56,7 +56,7 @@ def build_model(preset: str, layers: int | None, device: str):
     if preset not in ARCH:
         model, tokenizer, loaded = common.load_model(preset, device=device, dtype=torch.float32)
         if loaded["world"] == "math":  # as exp02 trains the math world
-            model.activation_checkpointing_enable({"use_reentrant": False})
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return model, tokenizer.pad_token_id, tokenizer.eos_token_id
     import transformers
 
@@ -66,7 +66,7 @@ def build_model(preset: str, layers: int | None, device: str):
     torch.manual_seed(0)
     with torch.device(device):
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.activation_checkpointing_enable({"use_reentrant": False})  # as exp02 trains the math world
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # as exp02 trains the math world
     return model.eval(), 0, kwargs["vocab_size"] - 1
 
 

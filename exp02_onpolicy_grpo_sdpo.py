@@ -497,7 +497,7 @@ def train_arm(s: Settings, method: str, context: str, run_dir: str, sample_batch
                            overwrite=s.overwrite, resume=s.resume)
     main = common.is_main()
     if preset["world"] == "math":  # recompute each decoder layer in backward: activations of 20k-token sequences
-        student.activation_checkpointing_enable({"use_reentrant": False})
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     teacher = copy.deepcopy(student).to(torch.bfloat16 if cuda else torch.float32).eval() if method == "sdpo" else None
     for model in (student, teacher):
         if model is not None:

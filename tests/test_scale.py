@@ -55,7 +55,7 @@ def one_step(method: str) -> dict:
     update() and EMA once -> full weights and logs (complete on rank 0)."""
     torch.manual_seed(0)
     student, tokenizer = common.tiny_random_model()
-    student.activation_checkpointing_enable({"use_reentrant": False})  # as train_arm does for the math world
+    student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # as train_arm does for the math world
     teacher = copy.deepcopy(student).eval()
     for model in (student, teacher):
         common.shard_model(model, mixed_precision=False)
