@@ -66,9 +66,44 @@ class SetupError(RuntimeError):
     the message names the fix."""
 
 
+class Interrupted(Exception):
+    """Ctrl-C during a run: carries the run directory so that `cli` can name where it stopped."""
+
+    def __init__(self, run):
+        super().__init__(str(run))
+        self.run = Path(run)
+
+
+def resume_command() -> str:
+    """The command line of this process with --resume added: what continues an interrupted run."""
+    import shlex
+
+    args = [a for a in sys.argv[1:]] + ([] if "--resume" in sys.argv else ["--resume"])
+    if world_size() > 1:
+        launcher = ["torchrun", "--nproc_per_node", os.environ.get("LOCAL_WORLD_SIZE", str(world_size()))]
+    else:
+        launcher = [Path(sys.executable).name if Path(sys.executable).parent == Path(".") else sys.executable]
+    return shlex.join(launcher + [sys.argv[0]] + args)
+
+
+def progress(run: Path) -> str:
+    """Where a run directory stands: its newest checkpoint step, or the stages it holds."""
+    steps = sorted((run / "checkpoints").glob("step_*"))
+    if steps:
+        return f"last checkpoint at step {int(steps[-1].name[5:])}"
+    stages = sorted(p.stem for p in (run / "stages").glob("*.json"))
+    if stages:
+        return f"finished stages {', '.join(stages)}"
+    return "no checkpoint yet (a resume starts it again)"
+
+
 def cli(main_fn, argv=None):
     """Run a script's main(); bad input ends with one clear line on stderr and exit code 2
-    instead of a traceback."""
+    instead of a traceback; Ctrl-C with one line naming the last checkpoint and the command that
+    resumes (exit 130)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started in the background
     try:
         result = main_fn(argv)
         shutdown_distributed()
@@ -76,6 +111,42 @@ def cli(main_fn, argv=None):
     except (ValueError, FileExistsError, FileNotFoundError, SetupError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    except (Interrupted, KeyboardInterrupt) as e:
+        if is_main():
+            where = f"{e.run}: {progress(e.run)}" if isinstance(e, Interrupted) else "before training began"
+            print(f"interrupted (Ctrl-C), {where}; continue with: {resume_command()}", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+def hub_unreachable(hub_id: str, kind: str) -> str | None:
+    """Why the Hugging Face hub cannot be reached (one TCP connect, 3 s at most), or None. The hub
+    client retries an unreachable host for ~48 s before failing; this answers at once. A model or
+    dataset in the local cache still loads offline (callers then read the cache only)."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=3).close()
+        return None
+    except OSError as e:
+        return f"{url.hostname}: {e}"
+
+
+def offline_message(hub_id: str, kind: str, error: BaseException | str) -> str:
+    """One paragraph: what failed (the whole underlying message), and the two ways out."""
+    what = " ".join(str(error).split()) if isinstance(error, str) else \
+        f"{error.__class__.__name__}: {' '.join(str(error).split())}"
+    local = ("pass the directory with --model PATH" if kind == "model" else
+             "pass local parquet files in the paper's layout with --train-file / --data-dir")
+    return (f"could not load the {kind} {hub_id!r} from the Hugging Face hub ({what}). If this machine is "
+            f"offline: download it on a connected one (`huggingface-cli download {hub_id}`"
+            f"{' --repo-type dataset' if kind == 'dataset' else ''}) and either copy the cache here "
+            f"and set HF_HUB_OFFLINE=1, or {local}.")
 
 
 def resolve_preset(name: str) -> dict:
@@ -109,13 +180,14 @@ def load_model(name: str, device: str | None = None, dtype: torch.dtype | None =
         if preset["world"] == "toy" and not Path(path).exists():
             raise FileNotFoundError(f"the toy model is missing at {path}: regenerate it with "
                                     "`python toy_world.py build` (or `git checkout toy_model`)")
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(path)
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        why = None if Path(path).exists() or hub_offline() else hub_unreachable(path, "model")
+        try:  # hub unreachable: the local cache only (no retries), else the usual lookup
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=why is not None)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=why is not None)
         except OSError as e:
-            raise SetupError(f"could not load {path!r} ({e.__class__.__name__}: {str(e)[:200]}). Offline? "
-                               "Download it on a connected machine and pass the local directory with --model PATH"
-                               ) from e
+            if why:
+                raise SetupError(offline_message(path, "model", f"{why}; not in the local cache: {e}")) from None
+            raise SetupError(offline_message(path, "model", e)) from None
     if preset["think_in_prompt"] is None:
         preset["think_in_prompt"] = opens_think_in_prompt(tokenizer)
     return model.to(device=device, dtype=dtype).eval(), tokenizer, preset
@@ -996,15 +1068,23 @@ def load_problems(name: str, data_dir: str | None = None) -> list[dict]:
             raise FileNotFoundError(f"{path} not found: --data-dir must hold {name}.parquet in the paper's layout")
         return read_paper_parquet(path)
     hub_id, split, q, a = EVAL_SETS[name]
+    rows = load_hub_dataset(hub_id, split)
+    return [{"prompt": r[q] + INSTRUCTION, "gold": str(r[a])} for r in rows]
+
+
+def load_hub_dataset(hub_id: str, split: str):
+    """datasets.load_dataset, failing at once (SetupError naming the local-file options) when the
+    hub cannot be reached, instead of after the hub client's retries."""
+    offline = hub_offline() or os.environ.get("HF_DATASETS_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+    why = None if offline else hub_unreachable(hub_id, "dataset")
+    if why:
+        raise SetupError(offline_message(hub_id, "dataset", why))
     try:
         import datasets
 
-        rows = datasets.load_dataset(hub_id, split=split)
+        return datasets.load_dataset(hub_id, split=split)
     except Exception as e:  # offline machines raise ConnectionError, OSError or DatasetNotFoundError
-        raise SetupError(f"could not load {hub_id} from the hub ({e.__class__.__name__}). Offline? Pass "
-                           "--data-dir with local parquet files in the paper's layout (e.g. ../shared/data/paper/evaluation)"
-                           ) from e
-    return [{"prompt": r[q] + INSTRUCTION, "gold": str(r[a])} for r in rows]
+        raise SetupError(offline_message(hub_id, "dataset", e)) from None
 
 
 DAPO_HUB_ID = "BytedTsinghua-SIA/DAPO-Math-17k"
@@ -1021,13 +1101,7 @@ def load_train_problems(train_file: str | None = None) -> list[dict]:
         if not Path(train_file).exists():
             raise FileNotFoundError(f"--train-file {train_file} does not exist")
         return read_paper_parquet(train_file)
-    try:
-        import datasets
-
-        rows = datasets.load_dataset(DAPO_HUB_ID, split="train")
-    except Exception as e:
-        raise SetupError(f"could not load {DAPO_HUB_ID} from the hub ({e.__class__.__name__}). Offline? Pass "
-                           "--train-file with a local parquet in the paper's layout") from e
+    rows = load_hub_dataset(DAPO_HUB_ID, "train")
     out, seen = [], set()
     for r in rows:
         q = r["prompt"][0]["content"].removeprefix(_DAPO_HEAD).removesuffix(_DAPO_TAIL).strip()
@@ -1150,42 +1224,69 @@ def environment_info() -> dict:
             "packages": {p: version(p) for p in ("torch", "transformers", "datasets", "numpy", "math-verify", "vllm")}}
 
 
-def start_run(out_dir: str | Path, settings, overwrite: bool = False, resume: bool = False) -> Path:
-    """Create a run directory and write config.json (all settings, seed, commit, versions). A
-    finished run (final.json) is never overwritten unless `overwrite`; an unfinished one is only
-    continued with `resume` (same settings) or replaced with `overwrite`. With `resume`, a run not
-    begun yet starts fresh, so one `--resume` continues a whole interrupted sweep (callers skip
-    finished runs first with `finished_run`)."""
+def model_slug(name: str) -> str:
+    """A directory name for a model: the preset name, or the hub id / path with / -> _."""
+    return name if name in PRESETS else re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "model"
+
+
+def default_out_dir(out_dir: str, model: str) -> str:
+    """`{model}` in a default --out-dir becomes the model's slug, so the runs of two models (the
+    toy and an 8B) never share a directory."""
+    return out_dir.replace("{model}", model_slug(model))
+
+
+def check_run(out_dir: str | Path, settings, overwrite: bool = False, resume: bool = False,
+              sweep_only: tuple = ()) -> str:
+    """What may be done with a run directory, decided before anything is loaded or written:
+    "new" (start it), "continue" (resume an unfinished run with the same settings) or "finished"
+    (under --resume, a finished run with the same settings: reuse its final.json). Refuses
+    (FileExistsError / ValueError naming the fix) a finished run without --resume or --overwrite,
+    an unfinished one without --resume or --overwrite, and --resume with other settings than the
+    run's (`sweep_only` fields say how a sweep is launched, not what a run computes)."""
     run = Path(out_dir)
-    settings_dict = dataclasses.asdict(settings)
-    if (run / "final.json").exists() and not overwrite:
-        raise FileExistsError(f"{run} holds a finished run (final.json): choose another --out-dir or pass --overwrite")
-    if resume and (run / "config.json").exists():
-        saved = json.loads((run / "config.json").read_text())["settings"]
-        sweep_only = ("resume", "overwrite", "seeds", "ema_rates")  # how the run was launched, not what it computes
-        changed = {k for k in settings_dict if k not in sweep_only and saved.get(k) != settings_dict[k]}
-        if changed:
-            raise ValueError(f"--resume with different settings than the run in {run}: {sorted(changed)}; "
-                             "resume with the same flags or start a new --out-dir")
+    if overwrite or not (run / "config.json").exists():
+        return "new"
+    finished = (run / "final.json").exists()
+    if not resume:
+        if finished:
+            raise FileExistsError(f"{run} holds a finished run (final.json): pass --resume to reuse it, "
+                                  "--overwrite to replace it, or choose another --out-dir")
+        raise FileExistsError(f"{run} holds an unfinished run: pass --resume to continue it or --overwrite "
+                              "to restart")
+    saved = json.loads((run / "config.json").read_text())["settings"]
+    now = json.loads(json.dumps(dataclasses.asdict(settings), default=str))
+    changed = [f"--{k.replace('_', '-')} (run: {saved[k]}, now: {now[k]})" for k in now
+               if k in saved and k not in sweep_only and saved[k] != now[k]]
+    if changed:
+        raise ValueError(f"--resume with other settings than the {'finished' if finished else 'unfinished'} "
+                         f"run in {run}: {'; '.join(changed)}. Resume with the same flags, or choose "
+                         "another --out-dir, or pass --overwrite")
+    return "finished" if finished else "continue"
+
+
+def start_run(out_dir: str | Path, settings, overwrite: bool = False, resume: bool = False,
+              sweep_only: tuple = ()) -> Path:
+    """Create a run directory and write config.json (all settings, seed, commit, versions), after
+    `check_run`: a run to continue is returned as it is; --overwrite clears the old run's files."""
+    run = Path(out_dir)
+    state = check_run(run, settings, overwrite, resume, sweep_only)
+    if state == "finished":
+        raise FileExistsError(f"{run} holds a finished run (final.json): nothing to continue")
+    if state == "continue":
         return run
-    if (run / "config.json").exists() and not overwrite:
-        raise FileExistsError(f"{run} holds an unfinished run: pass --resume to continue it or --overwrite to restart")
     if overwrite and run.exists():
         for name in ("metrics.jsonl", "final.json", "samples", "checkpoints", "stages", "students"):
             path = run / name
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     run.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(run / "config.json", {"settings": settings_dict, **environment_info()})
+    write_json_atomic(run / "config.json", {"settings": dataclasses.asdict(settings), **environment_info()})
     return run
 
 
-def finished_run(out_dir: str | Path, resume: bool) -> dict | None:
-    """Under `resume`, the final.json of a run that already finished (a sweep skips it), else None."""
-    path = Path(out_dir) / "final.json"
-    if resume and path.exists():
-        print(f"{out_dir}: finished earlier, skipped (--resume)", flush=True)
-        return json.loads(path.read_text())
-    return None
+def read_final(out_dir: str | Path) -> dict:
+    """The final.json of a finished run that --resume reuses (the caller checked it with check_run)."""
+    print(f"{out_dir}: finished earlier with the same settings, reused (--resume)", flush=True)
+    return json.loads((Path(out_dir) / "final.json").read_text())
 
 
 def read_metrics(run: str | Path) -> list[dict]:
@@ -1261,10 +1362,23 @@ def field_docs(cls) -> dict[str, str]:
 
 def parse_settings(cls, argv: list[str] | None = None):
     """argparse from a flat dataclass: `--field-name value`, bools as --flag/--no-flag,
-    `T | None` fields accept `none`."""
+    `T | None` fields accept `none`. No prefix matching (`--step` is not `--steps`); a bad or
+    unknown flag ends with one line naming the closest real flag (exit 2), not a usage dump."""
     import argparse
+    import difflib
 
-    parser = argparse.ArgumentParser(description=(sys.modules[cls.__module__].__doc__ or "").split("\n")[0])
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):
+            flags = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
+            bad = re.search(r"unrecognized arguments: (\S+)", message)
+            if bad:
+                close = difflib.get_close_matches(bad.group(1).split("=")[0], flags, n=1, cutoff=0.6)
+                message = f"unknown flag {bad.group(1)}" + (f"; did you mean {close[0]}?" if close else "")
+            print(f"error: {message} (see --help)", file=sys.stderr)
+            raise SystemExit(2)
+
+    parser = Parser(description=(sys.modules[cls.__module__].__doc__ or "").split("\n")[0],
+                    allow_abbrev=False)
     docs = field_docs(cls)
     for f in dataclasses.fields(cls):
         kind = (f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))).replace(" ", "")
@@ -1273,18 +1387,74 @@ def parse_settings(cls, argv: list[str] | None = None):
         if base is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=doc)
         else:
-            conv = (lambda b: lambda v: None if v.lower() == "none" else b(v))(base) if "None" in kind else base
+            conv = base
+            if "None" in kind:
+                def conv(v, base=base):
+                    return None if v.lower() == "none" else base(v)
+                conv.__name__ = base.__name__  # argparse names the type in its "invalid value" error
             parser.add_argument(flag, type=conv, default=f.default, help=doc)
     return cls(**vars(parser.parse_args(argv)))
 
 
-def mean_std(values: list[float | None]) -> str:
-    """'mean ± std' over seeds (population std), the value alone for one seed, 'n/a' for none;
-    missing values (None, NaN) are left out."""
-    values = [v for v in values if v is not None and v == v]
+def stat(values) -> dict | None:
+    """{"mean", "std" (population), "n"} over seeds; missing values (None, NaN) left out; None if none."""
+    values = [float(v) for v in values if v is not None and v == v]
     if not values:
+        return None
+    return {"mean": float(np.mean(values)), "std": float(np.std(values)), "n": len(values)}
+
+
+def fmt_stat(st: dict | None, digits: int = 3) -> str:
+    """'mean ± std' (the mean alone for one seed, 'n/a' for none), for printed tables."""
+    if st is None:
         return "n/a"
-    return f"{np.mean(values):.3f} ± {np.std(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
+    return f"{st['mean']:.{digits}f}" + (f" ± {st['std']:.{digits}f}" if st["n"] > 1 else "")
+
+
+# The compact table printed at the end of a run (all metrics go to summary.json): per world, column
+# -> (metric key prefixes averaged per seed, digits). Held-out and OOD accuracy, doubt words and
+# length per response on the reference set.
+HEADLINE = {
+    "toy": {"held-out acc": (["eval/in_domain/avg@"], 3),
+            "OOD acc": (["eval/ood_d4/avg@", "eval/ood_d5/avg@", "eval/ood_l5/avg@"], 3),
+            "doubt words": (["eval/in_domain/epistemic/total"], 2),
+            "length": (["eval/in_domain/response_length"], 1)},
+    "math": {"AIME24 avg@k": (["eval/aime24/avg@"], 3), "AMC23 avg@k": (["eval/amc23/avg@"], 3),
+             "doubt words": (["eval/aime24/epistemic/total"], 2),
+             "length": (["eval/aime24/response_length"], 1)},
+}
+HEADLINE_NOTE = {
+    "toy": "held-out acc = in_domain avg@1; OOD acc = mean avg@1 of ood_d4, ood_d5, ood_l5; "
+           "doubt words (epistemic count) and length (tokens) per response on in_domain",
+    "math": "avg@k on AIME24 and AMC23; doubt words (epistemic count) and length (tokens) per "
+            "response on AIME24",
+}
+
+
+def world_of_metrics(metrics: dict) -> str:
+    return "toy" if any(k.startswith(("eval/in_domain/", "in_domain/")) for k in metrics) else "math"
+
+
+def headline(metrics: dict, prefix: str = "eval/") -> dict[str, float | None]:
+    """The compact table's values of one run's flat metrics (keys under `prefix`)."""
+    m = {"eval/" + k[len(prefix):]: v for k, v in metrics.items() if k.startswith(prefix)}
+    out = {}
+    for col, (keys, _) in HEADLINE[world_of_metrics(m)].items():
+        vals = [next((v for k, v in m.items() if k.startswith(p) and "pass@" not in k), None) for p in keys]
+        out[col] = None if None in vals else float(np.mean(vals))
+    return out
+
+
+def compact_table(rows: list[tuple[str, list[dict]]], first: str = "arm") -> str:
+    """A markdown table that fits 100 columns: one row per (label, flat metrics of each seed)."""
+    world = world_of_metrics(rows[0][1][0]) if rows and rows[0][1] else "toy"
+    table = []
+    for label, runs in rows:
+        values = [headline(r) for r in runs]
+        table.append({first: label, "seeds": len(runs),
+                      **{col: fmt_stat(stat([v[col] for v in values]), digits)
+                         for col, (_, digits) in HEADLINE[world].items()}})
+    return format_table(table) + "\n" + textwrap.fill(HEADLINE_NOTE[world], 99)
 
 
 def format_table(rows: list[dict]) -> str:

@@ -44,6 +44,7 @@ import json
 import random
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -59,8 +60,8 @@ class Settings:
     """seed of the run (question order, sampling, SFT order)"""
     seeds: str = ""
     """comma-separated seeds to run one after another (overrides --seed), e.g. 0,1,2"""
-    out_dir: str = "runs/exp01"
-    """output directory; each seed writes <out_dir>/seed<k>/"""
+    out_dir: str = "runs/{model}/exp01"
+    """output directory ({model} = the --model name); each seed writes <out_dir>/seed<k>/"""
     overwrite: bool = False
     """allow replacing a finished run directory"""
     resume: bool = False
@@ -107,6 +108,9 @@ class Settings:
     """cpu | cuda (None: cuda when available)"""
     threads: int = 2
     """torch CPU threads"""
+
+    # How a sweep is launched, not what one run computes: --resume ignores a change in these.
+    SWEEP_ONLY: ClassVar[tuple] = ("seeds", "resume", "overwrite", "out_dir")
 
 
 WORLD_DEFAULTS = {"toy": dict(band_high=8, max_candidates=400, sft_epochs=10, sft_lr=2e-4, budget_forcing=True),
@@ -278,7 +282,25 @@ def resolve(s: Settings, preset: dict) -> Settings:
     if min(s.samples, s.max_questions, s.max_candidates, s.sft_batch_size, s.sft_warmup) < 1 or s.sft_epochs <= 0:
         raise ValueError("--samples, --max-questions, --max-candidates, --sft-batch-size, --sft-warmup and "
                          "--sft-epochs must be positive")
+    if s.backend not in ("auto", "hf", "vllm"):
+        raise ValueError(f"--backend {s.backend!r}: use auto, hf or vllm")
+    if s.backend == "vllm":
+        common.check_vllm(live=False)
+    if preset["world"] == "math":
+        if s.train_file and not Path(s.train_file).exists():
+            raise FileNotFoundError(f"--train-file {s.train_file} does not exist")
+        for name in s.eval_sets.split(",") if s.data_dir else ():
+            if not (Path(s.data_dir) / f"{name}.parquet").exists():
+                raise FileNotFoundError(f"{Path(s.data_dir) / name}.parquet not found: --data-dir must hold "
+                                        f"{s.eval_sets} parquet files in the paper's layout")
     return s
+
+
+def plan_seed(s: Settings) -> tuple[Settings, str]:
+    """Every check that can fail, before anything is loaded: flags, backend, data files and the
+    run directory (-> "new", "continue" or "finished")."""
+    s = resolve(s, common.resolve_preset(s.model))
+    return s, common.check_run(Path(s.out_dir) / f"seed{s.seed}", s, s.overwrite, s.resume, Settings.SWEEP_ONLY)
 
 
 def first_correct_text(group: list[dict] | None) -> str | None:
@@ -286,15 +308,15 @@ def first_correct_text(group: list[dict] | None) -> str | None:
 
 
 def run_seed(s: Settings) -> dict:
-    if (final := common.finished_run(Path(s.out_dir) / f"seed{s.seed}", s.resume)) is not None:
-        return final
+    s, state = plan_seed(s)
+    if state == "finished":
+        return common.read_final(Path(s.out_dir) / f"seed{s.seed}")
     torch.set_num_threads(s.threads)
     torch.set_flush_denormal(True)  # denormal floats make CPU matmuls ~100x slower
     common.set_seed(s.seed)
     device = s.device or common.default_device()
-    base, tokenizer, preset = common.load_model(s.model, device=device)
-    s = resolve(s, preset)
-    sets = eval_sets(s, preset)
+    preset = common.resolve_preset(s.model)
+    sets = eval_sets(s, preset)  # data before the model: a bad file fails before gigabytes load
     if preset["world"] == "toy":
         import toy_world
 
@@ -302,7 +324,18 @@ def run_seed(s: Settings) -> dict:
     else:
         pool = common.load_train_problems(s.train_file)
     pool = random.Random(s.seed).sample(pool, len(pool))
-    run = common.start_run(Path(s.out_dir) / f"seed{s.seed}", s, overwrite=s.overwrite, resume=s.resume)
+    base, tokenizer, preset = common.load_model(s.model, device=device)
+    run = common.start_run(Path(s.out_dir) / f"seed{s.seed}", s, overwrite=s.overwrite, resume=s.resume,
+                           sweep_only=Settings.SWEEP_ONLY)
+    if state == "continue":
+        print(f"{run}: resumed, {common.progress(run)} (skipped)", flush=True)
+    try:
+        return _run_seed(s, run, base, tokenizer, preset, sets, pool, device)
+    except KeyboardInterrupt:
+        raise common.Interrupted(run) from None
+
+
+def _run_seed(s: Settings, run: Path, base, tokenizer, preset, sets, pool, device) -> dict:
     generator = common.make_generator(base, tokenizer, s.backend, model_path=preset["hub_id"], seed=s.seed)
 
     # Section 3: selection, then each teacher context (paper Table 1). groups[c][i]: the samples of
@@ -371,26 +404,46 @@ def run_seed(s: Settings) -> dict:
 # Tables over seeds
 # ---------------------------------------------------------------------------------------------
 def summarize(finals: list[dict]) -> dict:
-    """Table 1 and Table 2 rows, mean ± std over seeds."""
-    t1_keys = ["accuracy", "response_length", "epistemic/total", "epistemic_word/total", "epistemic/wait",
-               "epistemic/maybe", "epistemic/total_per_1k_tokens"]
-    table1 = [{"context": c, "seeds": len(finals), "questions": common.mean_std([f["table1"][c]["questions"] for f in finals]),
-               **{k: common.mean_std([f["table1"][c].get(k) for f in finals]) for k in t1_keys}} for c in finals[0]["table1"]]
-    metrics = [k for k in finals[0]["table2"]["base"] if k.endswith(("/response_length", "/epistemic/total"))
-               or "avg@" in k or "pass@" in k]
-    table2 = [{"model": name, "seeds": len(finals), **{k: common.mean_std([f["table2"][name].get(k) for f in finals])
-                                                       for k in metrics}} for name in finals[0]["table2"]]
+    """Table 1 and Table 2, every metric as {mean, std, n} over seeds."""
+    def stats(dicts: list[dict]) -> dict:
+        return {k: common.stat([d.get(k) for d in dicts]) for k in dict.fromkeys(k for d in dicts for k in d)
+                if not isinstance(dicts[0].get(k), (list, dict, str))}
+
+    table1 = [{"context": c, "seeds": len(finals), **stats([f["table1"][c] for f in finals])}
+              for c in finals[0]["table1"]]
+    table2 = [{"model": name, "seeds": len(finals), **stats([f["table2"][name] for f in finals])}
+              for name in finals[0]["table2"]]
     return {"table1": table1, "table2": table2}
+
+
+CONTEXT_LABELS = {"none": "unguided", "s": "c = s", "s_nothink": "c = s\\think", "regenerated": "c = regenerated"}
+TABLE1 = {"accuracy": 3, "response_length": 1, "epistemic/total": 2, "epistemic/total_per_1k_tokens": 1}
+
+
+def print_summary(finals: list[dict], out_dir: str) -> None:
+    """Both tables in <= 100 columns; every metric in summary.json."""
+    t1 = [{"context": CONTEXT_LABELS.get(c, c), "seeds": len(finals),
+           **{k.replace("epistemic/total", "doubt words").replace("response_", ""):
+              common.fmt_stat(common.stat([f["table1"][c].get(k) for f in finals]), d) for k, d in TABLE1.items()}}
+          for c in finals[0]["table1"]]
+    print("Table 1 - teacher context richness (section 3); doubt words and length per response\n"
+          + common.format_table(t1))
+    print("\nTable 2 - off-policy SFT on D_ug vs D_sg (section 4)\n"
+          + common.compact_table([(name, [f["table2"][name] for f in finals]) for name in finals[0]["table2"]],
+                                 first="model"))
+    print(f"every metric (mean, std, n over seeds): {out_dir}/summary.json")
 
 
 def main(argv=None) -> dict:
     s = common.parse_settings(Settings, argv)
+    s = replace(s, out_dir=common.default_out_dir(s.out_dir, s.model))
     seeds = [int(x) for x in s.seeds.split(",")] if s.seeds else [s.seed]
+    for seed in seeds:  # every run directory checked before the first model loads
+        plan_seed(replace(s, seed=seed))
     finals = [run_seed(replace(s, seed=seed)) for seed in seeds]
     summary = summarize(finals)
     common.write_json_atomic(Path(s.out_dir) / "summary.json", summary)
-    print("Table 1 - teacher context richness (section 3)\n" + common.format_table(summary["table1"]))
-    print("\nTable 2 - off-policy SFT on D_ug vs D_sg (section 4)\n" + common.format_table(summary["table2"]))
+    print_summary(finals, s.out_dir)
     return summary
 
 

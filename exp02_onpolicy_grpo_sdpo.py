@@ -34,10 +34,13 @@ Where we depart from the release (also in the README):
 from __future__ import annotations
 
 import copy
+import json
 import math
 import random
 import time
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -58,8 +61,8 @@ class Settings:
     """seed of the run (sampling, data order, initialisation of nothing: the model is loaded)"""
     seeds: str = ""
     """comma-separated seeds to run one after another (overrides --seed), e.g. 0,1,2"""
-    out_dir: str = "runs/exp02"
-    """run directory; each arm and seed writes <out_dir>/<arm>/seed<k>/"""
+    out_dir: str = "runs/{model}/exp02"
+    """run directory ({model} = the --model name); each arm and seed writes <out_dir>/<arm>/seed<k>/"""
     overwrite: bool = False
     """allow replacing a finished run directory"""
     steps: int | None = None
@@ -129,7 +132,10 @@ class Settings:
     keep_checkpoints: int = 1
     """newest checkpoints kept on disk"""
     resume: bool = False
-    """continue the run in --out-dir from its newest checkpoint"""
+    """continue the run in --out-dir from its newest checkpoint (a finished run with the same settings is reused)"""
+
+    # How a sweep is launched, not what one run computes: --resume ignores a change in these.
+    SWEEP_ONLY: ClassVar[tuple] = ("seeds", "resume", "overwrite", "out_dir")
 
 
 WORLD_DEFAULTS = {
@@ -139,6 +145,8 @@ WORLD_DEFAULTS = {
 }
 LR = {("toy", "grpo"): 2e-4, ("toy", "sdpo"): 2e-4, ("math", "grpo"): 1e-6, ("math", "sdpo"): 1e-5}
 ARMS = [("grpo", "s"), ("sdpo", "s"), ("sdpo", "s_nothink")]
+ARM_LABELS = {"grpo": "GRPO", "sdpo_s": "SDPO c = s", "sdpo_s_nothink": "SDPO c = s\\think"}
+MATH_EVAL_SETS = ("aime24", "amc23")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -302,18 +310,24 @@ def train_problems(s: Settings, preset: dict) -> list[dict]:
     return common.load_train_problems(s.train_file)
 
 
-def evaluate_world(s: Settings, preset: dict, model, tokenizer, generator) -> tuple[dict, dict]:
-    """toy: greedy accuracy on held-out in-domain graphs, OOD cells and the training graphs;
-    math: AIME24 and AMC23 avg@k with the preset's sampling. -> (flat metrics, samples)."""
-    metrics, samples = {}, {}
+def eval_sets(s: Settings, preset: dict) -> dict[str, list[dict]]:
+    """toy: held-out in-domain graphs, OOD cells and the training graphs; math: AIME24, AMC23."""
     if preset["world"] == "toy":
         import toy_world
 
         sets = {c: toy_world.cell_problems(c, s.eval_n) for c in toy_world.EVAL_CELLS}
         sets["train_graphs"] = toy_world.cell_problems(toy_world.SLICE, s.eval_n, split="train")
+        return sets
+    return {name: common.load_problems(name, s.data_dir) for name in MATH_EVAL_SETS}
+
+
+def evaluate_world(s: Settings, preset: dict, model, tokenizer, generator, sets) -> tuple[dict, dict]:
+    """Greedy accuracy (toy) or avg@k with the preset's sampling (math) on every evaluation set
+    -> (flat metrics, samples)."""
+    metrics, samples = {}, {}
+    if preset["world"] == "toy":
         k, temperature, top_p, max_tokens = 1, 0.0, 1.0, s.max_new_tokens
     else:
-        sets = {name: common.load_problems(name, s.data_dir) for name in ("aime24", "amc23")}
         k, temperature, top_p, max_tokens = s.eval_k, preset["temperature"], preset["top_p"], preset["max_new_tokens"]
     model.eval()
     for name, problems in sets.items():
@@ -326,9 +340,9 @@ def evaluate_world(s: Settings, preset: dict, model, tokenizer, generator) -> tu
 # ---------------------------------------------------------------------------------------------
 # The training loop
 # ---------------------------------------------------------------------------------------------
-def resolve(s: Settings, preset: dict, method: str, vocab: int) -> Settings:
-    """Fill world defaults for every None setting and check flag combinations (before anything
-    is written, so a bad flag leaves no partial run directory)."""
+def resolve(s: Settings, preset: dict, method: str) -> Settings:
+    """Fill world defaults for every None setting and check flag combinations, the backend and the
+    data files (before any model or dataset is loaded and anything is written)."""
     d = WORLD_DEFAULTS[preset["world"]]
     s = replace(s, **{k: v for k, v in d.items() if getattr(s, k) is None},
                 lr=s.lr if s.lr is not None else LR[(preset["world"], method)])
@@ -342,8 +356,14 @@ def resolve(s: Settings, preset: dict, method: str, vocab: int) -> Settings:
                          "equal shares of whole groups")
     if not 0 <= s.ema_rate <= 1:
         raise ValueError(f"--ema-rate {s.ema_rate} must be in [0, 1]")
-    if s.topk and s.topk > vocab:
-        raise ValueError(f"--topk {s.topk} exceeds the vocabulary ({vocab}); use --topk 0 for the full vocabulary")
+    check_topk(s, vocab_size(preset))
+    if preset["world"] == "math":
+        if s.train_file and not Path(s.train_file).exists():
+            raise FileNotFoundError(f"--train-file {s.train_file} does not exist")
+        for name in MATH_EVAL_SETS if s.data_dir else ():
+            if not (Path(s.data_dir) / f"{name}.parquet").exists():
+                raise FileNotFoundError(f"{Path(s.data_dir) / name}.parquet not found: --data-dir must hold "
+                                        f"{', '.join(MATH_EVAL_SETS)} parquet files in the paper's layout")
     if s.teacher_context not in ("s", "s_nothink"):
         raise ValueError(f"--teacher-context {s.teacher_context!r}: use s or s_nothink")
     if min(s.steps, s.prompts_per_step, s.rollouts, s.mini_batches, s.micro_batch_size) < 1:
@@ -352,6 +372,26 @@ def resolve(s: Settings, preset: dict, method: str, vocab: int) -> Settings:
         raise ValueError(f"B x n = {s.prompts_per_step * s.rollouts} sequences do not split into "
                          f"--mini-batches {s.mini_batches}")
     return s
+
+
+def vocab_size(preset: dict) -> int | None:
+    """The vocabulary of a model on disk, read from its config.json (None when not on disk)."""
+    config = Path(preset["hub_id"] or "", "config.json")
+    return json.loads(config.read_text()).get("vocab_size") if preset["hub_id"] and config.exists() else None
+
+
+def check_topk(s: Settings, vocab: int | None) -> None:
+    if vocab and s.topk and s.topk > vocab:
+        raise ValueError(f"--topk {s.topk} exceeds the vocabulary ({vocab}); use --topk 0 for the full vocabulary")
+
+
+def plan_arm(s: Settings, method: str, context: str, run_dir: str) -> tuple[Settings, str]:
+    """Every check that can fail, before anything is loaded: world defaults and flag combinations,
+    the backend, the data files, and the run directory (-> "new", "continue" or "finished")."""
+    common.init_distributed(s.device or common.default_device())
+    s = replace(resolve(s, common.resolve_preset(s.model), method), method=method, teacher_context=context)
+    state = common.main_only(common.check_run, run_dir, s, s.overwrite, s.resume, type(s).SWEEP_ONLY)
+    return s, state
 
 
 def collect(s: Settings, method: str, context: str, preset: dict, tokenizer, generator, batch: list[dict], step: int):
@@ -478,23 +518,33 @@ def train_arm(s: Settings, method: str, context: str, run_dir: str, sample_batch
     """One arm (GRPO or SDPO with one teacher context) for one seed -> final.json contents.
     `sample_batch(step) -> [{prompt, gold}]` replaces the default seeded epochs (exp04 uses it).
     Under torchrun every rank runs this; rank 0 alone writes files and prints."""
-    if (final := common.finished_run(run_dir, s.resume)) is not None:
-        return final
+    s, state = plan_arm(s, method, context, run_dir)
+    if state == "finished":
+        return common.main_only(common.read_final, run_dir)
     torch.set_num_threads(s.threads)
     torch.set_flush_denormal(True)  # denormal floats make CPU matmuls ~100x slower
     common.set_seed(s.seed)
     device = common.init_distributed(s.device or common.default_device())
     sharded, cuda = common.world_size() > 1, device.startswith("cuda")
-    # fp32 master weights (bf16 compute on CUDA); sharded runs load on the CPU and FSDP moves each shard.
-    student, tokenizer, preset = common.load_model(s.model, device="cpu" if sharded else device, dtype=torch.float32)
-    s = resolve(s, preset, method, vocab=student.get_output_embeddings().weight.shape[0])
-    if sample_batch is None:
+    preset = common.resolve_preset(s.model)
+    if sample_batch is None:  # data before the model: a bad file fails before gigabytes load
         problems = train_problems(s, preset)
         if not problems:
             raise ValueError("the training set is empty: check --train-file")
         sample_batch = lambda step: [problems[i] for i in common.batch_indices(len(problems), s.prompts_per_step, step, s.seed)]  # noqa: E731
-    run = common.main_only(common.start_run, run_dir, replace(s, method=method, teacher_context=context),
-                           overwrite=s.overwrite, resume=s.resume)
+    sets = eval_sets(s, preset)
+    # fp32 master weights (bf16 compute on CUDA); sharded runs load on the CPU and FSDP moves each shard.
+    student, tokenizer, preset = common.load_model(s.model, device="cpu" if sharded else device, dtype=torch.float32)
+    check_topk(s, student.get_output_embeddings().weight.shape[0])
+    run = common.main_only(common.start_run, run_dir, s, overwrite=s.overwrite, resume=s.resume,
+                           sweep_only=type(s).SWEEP_ONLY)
+    try:
+        return _train(s, method, context, run, preset, student, tokenizer, sample_batch, sets, device, cuda)
+    except KeyboardInterrupt:
+        raise common.Interrupted(run) from None
+
+
+def _train(s, method, context, run, preset, student, tokenizer, sample_batch, sets, device, cuda) -> dict:
     main = common.is_main()
     if preset["world"] == "math":  # recompute each decoder layer in backward: activations of 20k-token sequences
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -512,8 +562,10 @@ def train_arm(s: Settings, method: str, context: str, run_dir: str, sample_batch
     done = load_state(run, student, opt, sched, teacher, teacher_fp32) if s.resume else 0
     if done:
         generator.load_weights(common.full_weights(student))  # the engine started from the base weights
+        if main:
+            print(f"[{arm_name(method, context)} seed {s.seed}] resumed from step {done} ({run})", flush=True)
     else:
-        base, samples = evaluate_world(s, preset, student, tokenizer, common.ShardedGenerator(generator))
+        base, samples = evaluate_world(s, preset, student, tokenizer, common.ShardedGenerator(generator), sets)
         if main:
             common.log_metrics(run, 0, base)
             _write_eval_samples(run, samples)
@@ -531,7 +583,7 @@ def train_arm(s: Settings, method: str, context: str, run_dir: str, sample_batch
             ema_update(teacher_fp32, teacher, student, s.ema_rate)
         row = step_metrics(gather_rollouts(data), logs, lr_used, method)
         if step % s.eval_every == 0 or step == s.steps:
-            ev, samples = evaluate_world(s, preset, student, tokenizer, common.ShardedGenerator(generator))
+            ev, samples = evaluate_world(s, preset, student, tokenizer, common.ShardedGenerator(generator), sets)
             row.update(ev)
             if main:
                 _write_eval_samples(run, samples)
@@ -543,11 +595,12 @@ def train_arm(s: Settings, method: str, context: str, run_dir: str, sample_batch
         if main:
             print(f"[{arm_name(method, context)} seed {s.seed}] step {step} reward {row['train/reward']:.3f} "
                   f"len {row['train/response_length']:.1f} doubt {row['train/epistemic/total']:.2f} "
-                  f"loss {row['train/loss']:.4f}", flush=True)
+                  f"loss {row['train/loss']:+.2e}", flush=True)  # GRPO: ~0 on-policy (README)
     return common.main_only(_finish, run, s, method, context)
 
 
 def _finish(run, s: Settings, method: str, context: str) -> dict:
+    """final.json: the arm's settings (method and context as trained), base and last rows."""
     rows = common.read_metrics(run)
     final = {"method": method, "teacher_context": context if method == "sdpo" else None, "seed": s.seed,
              "steps": s.steps, "settings": asdict(s), "base": rows[0], "final": rows[-1],
@@ -608,33 +661,51 @@ def arm_name(method: str, context: str) -> str:
     return "grpo" if method == "grpo" else f"sdpo_{context}"
 
 
-def summarize(finals: list[dict], extra_keys=()) -> list[dict]:
-    """One row per arm (`arm` in final.json, else method and context): the last step's training
-    metrics and last evaluation, mean ± std over seeds."""
-    keys = [k for k in finals[0]["final"] if k.startswith("eval/") and (k.endswith("/accuracy") or "avg@" in k
-            or k.endswith("/response_length") or k.endswith("/epistemic/total"))]
-    keys = ["train/reward", "train/response_length", "train/epistemic/total", *extra_keys] + keys
-    arm_of = lambda f: f.get("arm") or arm_name(f["method"], f["teacher_context"] or "s")  # noqa: E731
-    rows = []
-    for arm in dict.fromkeys(map(arm_of, finals)):
-        fs = [f for f in finals if arm_of(f) == arm]
-        rows.append({"arm": arm, "seeds": len(fs),
-                     **{k.replace("eval/", ""): common.mean_std([f["final"].get(k) for f in fs]) for k in keys}})
-    return rows
+def summarize(finals: list[dict]) -> list[dict]:
+    """summary.json: the base (step 0, one evaluation per seed) first, then one row per arm (`arm`
+    in final.json, else method and context) with every metric of the last step as {mean, std, n}
+    over seeds."""
+    bases = list({f["seed"]: f["base"] for f in finals}.values())
+    rows = [("base (step 0)", bases)] + [(arm, [f["final"] for f in finals if arm_of(f) == arm])
+                                         for arm in dict.fromkeys(map(arm_of, finals))]
+    return [{"arm": arm, "seeds": len(runs), **{k: common.stat([r.get(k) for r in runs])
+                                                for k in dict.fromkeys(k for r in runs for k in r) if k != "step"}}
+            for arm, runs in rows]
+
+
+def arm_of(final: dict) -> str:
+    return final.get("arm") or arm_name(final["method"], final["teacher_context"] or "s")
+
+
+def print_summary(finals: list[dict], out_dir: str, labels: dict | None = None) -> None:
+    """The compact table (<= 100 columns): base row first, then each arm; all of it in summary.json."""
+    labels = labels or ARM_LABELS
+    bases = list({f["seed"]: f["base"] for f in finals}.values())
+    rows = [("base (step 0)", bases)] + [(labels.get(arm, arm), [f["final"] for f in finals if arm_of(f) == arm])
+                                         for arm in dict.fromkeys(map(arm_of, finals))]
+    print(common.compact_table(rows) + f"\nevery metric (mean, std, n over seeds): {out_dir}/summary.json")
+
+
+def arm_runs(s: Settings, arms: list[tuple[str, str]], seeds: list[int]) -> list[tuple[Settings, str, str, str]]:
+    """(settings, method, context, run directory) of each arm and seed, each checked before any
+    model loads (plan_arm): a refused arm stops the sweep before the first one trains."""
+    runs = [(replace(s, seed=seed), m, c, f"{s.out_dir}/{arm_name(m, c)}/seed{seed}") for seed in seeds for m, c in arms]
+    for r in runs:
+        plan_arm(*r)
+    return runs
 
 
 def main(argv=None) -> list[dict]:
     s = common.parse_settings(Settings, argv)
+    s = replace(s, out_dir=common.default_out_dir(s.out_dir, s.model))
     if s.method not in ("grpo", "sdpo", "all"):
         raise ValueError(f"--method {s.method!r}: use grpo, sdpo or all")
     arms = ARMS if s.method == "all" else [(s.method, s.teacher_context)]
     seeds = [int(x) for x in s.seeds.split(",")] if s.seeds else [s.seed]
-    finals = [train_arm(replace(s, seed=seed), m, c, f"{s.out_dir}/{arm_name(m, c)}/seed{seed}")
-              for seed in seeds for m, c in arms]
-    rows = summarize(finals)
+    finals = [train_arm(*run) for run in arm_runs(s, arms, seeds)]
     if common.is_main():
-        common.write_json_atomic(f"{s.out_dir}/summary.json", rows)
-        print(common.format_table(rows))
+        common.write_json_atomic(f"{s.out_dir}/summary.json", summarize(finals))
+        print_summary(finals, s.out_dir)
     return finals
 
 

@@ -20,6 +20,7 @@ sweep adds tau = 0.01 and 0.2 around the paper's 0.05 to show the trend, not a s
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import ClassVar
 
 import common
 import exp02_onpolicy_grpo_sdpo as exp02
@@ -29,14 +30,12 @@ import exp02_onpolicy_grpo_sdpo as exp02
 class Settings(exp02.Settings):
     method: str = "sdpo"
     """SDPO only: the EMA teacher is an SDPO ablation"""
-    out_dir: str = "runs/exp03"
-    """run directory; each rate and seed writes <out_dir>/ema<tau>/seed<k>/"""
+    out_dir: str = "runs/{model}/exp03"
+    """run directory ({model} = the --model name); each rate and seed writes <out_dir>/ema<tau>/seed<k>/"""
     ema_rates: str = "0,0.01,0.05,0.2"
     """teacher EMA rates tau to compare (0 = the frozen initial teacher)"""
 
-
-SUMMARY_KEYS = ("train/reward", "train/response_length", "train/epistemic/total", "train/sdpo/divergence_epistemic",
-                "train/sdpo/divergence_other")
+    SWEEP_ONLY: ClassVar[tuple] = exp02.Settings.SWEEP_ONLY + ("ema_rates",)
 
 
 def run_name(tau: float) -> str:
@@ -45,6 +44,7 @@ def run_name(tau: float) -> str:
 
 def main(argv=None) -> list[dict]:
     s = common.parse_settings(Settings, argv)
+    s = replace(s, out_dir=common.default_out_dir(s.out_dir, s.model))
     if s.method != "sdpo":
         raise ValueError(f"--method {s.method!r}: exp03 compares teachers of SDPO only; use --method sdpo")
     try:
@@ -52,15 +52,13 @@ def main(argv=None) -> list[dict]:
     except ValueError:
         raise ValueError(f"--ema-rates {s.ema_rates!r}: give comma-separated numbers in [0, 1], e.g. 0,0.05") from None
     seeds = [int(x) for x in s.seeds.split(",")] if s.seeds else [s.seed]
-    finals = []
-    for seed in seeds:
-        for tau in rates:
-            f = exp02.train_arm(replace(s, seed=seed, ema_rate=tau), "sdpo", s.teacher_context,
-                                f"{s.out_dir}/{run_name(tau)}/seed{seed}")
-            finals.append(dict(f, arm=run_name(tau)))
-    rows = exp02.summarize(finals, extra_keys=SUMMARY_KEYS[3:])
-    common.write_json_atomic(f"{s.out_dir}/summary.json", rows)
-    print(common.format_table(rows))
+    runs = [(replace(s, seed=seed, ema_rate=tau), "sdpo", s.teacher_context, f"{s.out_dir}/{run_name(tau)}/seed{seed}")
+            for seed in seeds for tau in rates]
+    for run in runs:  # every run directory checked before the first model loads
+        exp02.plan_arm(*run)
+    finals = [dict(exp02.train_arm(*run), arm=run_name(run[0].ema_rate)) for run in runs]
+    common.write_json_atomic(f"{s.out_dir}/summary.json", exp02.summarize(finals))
+    exp02.print_summary(finals, s.out_dir, {})
     return finals
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import ClassVar
 
 import common
 import exp02_onpolicy_grpo_sdpo as exp02
@@ -32,14 +33,32 @@ import exp02_onpolicy_grpo_sdpo as exp02
 
 @dataclass
 class Settings(exp02.Settings):
-    out_dir: str = "runs/exp04"
-    """run directory; each coverage, arm and seed writes <out_dir>/<coverage>/<arm>/seed<k>/"""
+    out_dir: str = "runs/{model}/exp04"
+    """run directory ({model} = the --model name); each coverage, arm and seed writes
+    <out_dir>/<coverage>/<arm>/seed<k>/"""
     method: str = "all"
     """grpo | sdpo | all (all = GRPO and SDPO with --teacher-context)"""
     coverages: str = "1,8,64,256,fresh"
     """training-set sizes (questions or graphs) drawn with the seed; `fresh` = new toy graphs every step"""
     train_files: str = ""
     """math: comma-separated parquet files in the paper's layout, one coverage arm each (overrides --coverages)"""
+
+    SWEEP_ONLY: ClassVar[tuple] = exp02.Settings.SWEEP_ONLY + ("coverages", "train_files")
+
+
+def coverage_names(s: Settings, world: str) -> list[str]:
+    """The coverage arms' names, checked without loading any data."""
+    if s.train_files:
+        return [Path(f).stem for f in s.train_files.split(",")]
+    names = [c.strip() for c in s.coverages.split(",") if c.strip()]
+    for name in names:
+        if name == "fresh" and world != "toy":
+            raise ValueError("--coverages fresh exists only in the toy world (new graphs every step)")
+        if name != "fresh" and (not name.isdigit() or int(name) < 1):
+            raise ValueError(f"--coverages: {name!r} is not a positive number of questions or 'fresh'")
+    if not names:
+        raise ValueError("no coverage to run: give --coverages (e.g. 1,8,64) or --train-files")
+    return [n if n == "fresh" else f"cov{int(n)}" for n in names]
 
 
 def training_sets(s: Settings, preset: dict) -> dict[str, list[dict] | None]:
@@ -87,24 +106,31 @@ def batches(problems: list[dict] | None, batch: int, seed: int):
 
 def main(argv=None) -> list[dict]:
     s = common.parse_settings(Settings, argv)
+    s = replace(s, out_dir=common.default_out_dir(s.out_dir, s.model))
     if s.method not in ("grpo", "sdpo", "all"):
         raise ValueError(f"--method {s.method!r}: use grpo, sdpo or all")
     arms = [("grpo", "s"), ("sdpo", s.teacher_context)] if s.method == "all" else [(s.method, s.teacher_context)]
     seeds = [int(x) for x in s.seeds.split(",")] if s.seeds else [s.seed]
     preset = common.resolve_preset(s.model)
     batch = s.prompts_per_step or exp02.WORLD_DEFAULTS[preset["world"]]["prompts_per_step"]
+    for f in s.train_files.split(",") if s.train_files else []:
+        if not Path(f).exists():
+            raise FileNotFoundError(f"--train-files: {f} does not exist")
+    names = coverage_names(s, preset["world"])
+    runs = [(replace(s, seed=seed), method, context, f"{s.out_dir}/{name}/{exp02.arm_name(method, context)}/seed{seed}")
+            for seed in seeds for name in names for method, context in arms]
+    for run in runs:  # every run directory checked before any data or model loads
+        exp02.plan_arm(*run)
     finals = []
     for seed in seeds:
-        sets = training_sets(replace(s, seed=seed), preset)
-        for name, problems in sets.items():
+        for name, problems in training_sets(replace(s, seed=seed), preset).items():
             for method, context in arms:
                 arm = exp02.arm_name(method, context)
                 f = exp02.train_arm(replace(s, seed=seed), method, context, f"{s.out_dir}/{name}/{arm}/seed{seed}",
                                     sample_batch=batches(problems, batch, seed))
                 finals.append(dict(f, arm=f"{name}/{arm}", coverage=name))
-    rows = exp02.summarize(finals)
-    common.write_json_atomic(f"{s.out_dir}/summary.json", rows)
-    print(common.format_table(rows))
+    common.write_json_atomic(f"{s.out_dir}/summary.json", exp02.summarize(finals))
+    exp02.print_summary(finals, s.out_dir, {})
     return finals
 
 

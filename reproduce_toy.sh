@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Every toy-world result in the README (results/), then the figures and the claims report.
-# (The scripts alone write to runs/<exp>/, so they never touch these reference results.)
+# (The scripts alone write to runs/<model>/<exp>/, so they never touch these reference results.)
 # Two lanes of one-thread runs share the 2 CPU cores; every command resumes (finished runs are
 # skipped), so re-running this script after an interruption continues where it stopped.
 #   bash reproduce_toy.sh            # both lanes in parallel, then `final`
 #   bash reproduce_toy.sh a|b|final  # one lane, or only the summaries and figures
+#   PYTHON=.venv/bin/python bash reproduce_toy.sh   # the interpreter (default: `python`, e.g. an active venv)
 # Reduced sweeps, for the 2-core time budget (README "Toy-world results"): exp03 runs tau in
 # {0, 0.05, 0.2} (the script's default adds 0.01), exp04 coverages {1, 64, fresh} (default adds 8, 256).
 set -euo pipefail

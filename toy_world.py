@@ -62,6 +62,7 @@ PRETRAIN_CELLS = [(d, l) for d in (2, 3, 4, 5) for l in (3, 4, 5)]
 SLICE = (3, 4)  # the distillation / RL slice (D, L)
 EVAL_CELLS = {"in_domain": (3, 4), "ood_d4": (4, 4), "ood_d5": (5, 4), "ood_l5": (3, 5)}
 HINTS = ("none", "full", "answer")  # none = unguided; full = c = s; answer = c = s\think
+HINT_LABELS = {"none": "unguided", "full": "c = s", "answer": "c = s\\think"}  # the README's columns
 
 
 @dataclass(frozen=True)
@@ -329,10 +330,11 @@ def main(argv: list[str] | None = None) -> None:
         row = {"cell": cell, "D": D, "L": L}
         for hint in HINTS:
             m = evaluate_cell(model, tokenizer, cell, hint)
-            row[f"{hint}/accuracy"] = m["accuracy"]
-            row[f"{hint}/epistemic_per_response"] = m["epistemic/total"]
+            row[f"{HINT_LABELS[hint]} accuracy"] = m["accuracy"]
+            row[f"{HINT_LABELS[hint]} doubt words"] = m["epistemic/total"]
         rows.append(row)
     print(common.format_table(rows))
+    print("accuracy: greedy, n = 200 graphs per cell; doubt words: epistemic count per response")
 
 
 if __name__ == "__main__":

@@ -168,10 +168,13 @@ def test_every_figure_and_the_claims_report_from_a_synthetic_tree(tmp_path):
     assert "0.505 ± 0.005 → 0.980 ± 0.000 (Δ +0.475 ± 0.005, n = 2)" in text  # C1 accuracy, computed
 
 
-def test_missing_experiment_fails_clearly_naming_its_command(tmp_path):
+def test_missing_experiment_is_named_with_its_command(tmp_path):
     results = synthetic_results(tmp_path / "results", seeds=(0,))
     shutil.rmtree(results / "exp02")
-    proc = run_script("--results", results)
+    proc = run_script("--results", results)  # the others are plotted, exp02 is named
+    assert proc.returncode == 0, proc.stderr
+    assert "not plotted: exp02" in proc.stdout and "exp02_onpolicy_grpo_sdpo.py" in proc.stdout
+    proc = run_script("--results", results, "--only", "exp02")  # asked for: an error
     assert proc.returncode == 2
     assert "error:" in proc.stderr and "exp02_onpolicy_grpo_sdpo.py" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -127,7 +127,7 @@ def test_unfinished_run_is_neither_overwritten_nor_silently_continued(tmp_path):
     common.log_metrics(run, 1, {"x": 1.0})
     with pytest.raises(FileExistsError, match="--resume"):
         common.start_run(run, S())
-    with pytest.raises(ValueError, match="different settings"):
+    with pytest.raises(ValueError, match=r"other settings .* --seed \(run: 0, now: 1\)"):
         common.start_run(run, S(seed=1), resume=True)
     assert common.start_run(run, S(), resume=True) == run
     with open(run / "metrics.jsonl", "a") as f:
@@ -146,9 +146,13 @@ def test_resume_skips_finished_runs_and_starts_runs_not_begun(tmp_path):
 
     done = common.start_run(tmp_path / "done", S())
     common.finish_run(done, {"final": {"x": 1.0}})
-    assert common.finished_run(done, resume=True) == {"final": {"x": 1.0}}
-    assert common.finished_run(done, resume=False) is None
-    assert common.finished_run(tmp_path / "new", resume=True) is None
+    assert common.check_run(done, S(), resume=True) == "finished"
+    assert common.read_final(done) == {"final": {"x": 1.0}}
+    with pytest.raises(FileExistsError, match="--resume to reuse it"):
+        common.check_run(done, S())
+    with pytest.raises(ValueError, match="finished run"):  # finished runs are compared too
+        common.check_run(done, S(seed=1), resume=True)
+    assert common.check_run(tmp_path / "new", S(), resume=True) == "new"
     assert common.start_run(tmp_path / "new", S(), resume=True) == tmp_path / "new"
     assert (tmp_path / "new" / "config.json").exists()
 

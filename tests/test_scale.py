@@ -147,7 +147,7 @@ def test_exp02_under_torchrun_trains_writes_once_and_resumes(tmp_path):
             "--train-file", str(tmp_path / "train.parquet"), "--data-dir", str(tmp_path), "--out-dir",
             str(tmp_path / "out"), "--threads", "1", "--topk", "16", "--checkpoint-every", "1"]
     log = torchrun(args)
-    assert log.count("| sdpo_s |") == 1 and log.count("step 2 reward") == 1  # printed by rank 0 only
+    assert log.count("| SDPO c = s |") == 1 and log.count("step 2 reward") == 1  # printed by rank 0 only
     run = tmp_path / "out" / "sdpo_s" / "seed0"
     assert [r["step"] for r in common.read_metrics(run)] == [0, 1, 2]
     first = (run / "final.json").read_text()

@@ -39,7 +39,7 @@ def test_exp03_sweeps_the_ema_rate(data, answering_model):
         final = json.loads((out / tau / "seed0" / "final.json").read_text())
         assert final["method"] == "sdpo" and final["settings"]["ema_rate"] == float(tau[3:])
         assert "train/sdpo/divergence_epistemic" in final["final"] and "train/sdpo/divergence_other" in final["final"]
-    assert [r["arm"] for r in json.loads((out / "summary.json").read_text())] == ["ema0", "ema0.5"]
+    assert [r["arm"] for r in json.loads((out / "summary.json").read_text())] == ["base (step 0)", "ema0", "ema0.5"]
 
 
 def test_exp03_rejects_bad_rates(tmp_path):
@@ -54,7 +54,7 @@ def test_exp04_coverage_arms_from_subsets_and_files(data, answering_model):
     proc = run("exp04_coverage.py", args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     arms = {r["arm"] for r in json.loads((out / "summary.json").read_text())}
-    assert arms == {"cov1/grpo", "cov1/sdpo_s", "cov3/grpo", "cov3/sdpo_s"}
+    assert arms == {"base (step 0)", "cov1/grpo", "cov1/sdpo_s", "cov3/grpo", "cov3/sdpo_s"}
     rows = common.read_metrics(out / "cov1" / "sdpo_s" / "seed0")
     assert [r["step"] for r in rows] == [0, 1, 2] and "eval/aime24/avg@1" in rows[-1]
     files = run("exp04_coverage.py", args[:-len(TINY)] + TINY + ["--train-files", str(data / "one_x4.parquet"),
