@@ -1,4 +1,4 @@
-"""Benchmark the batched math-verify grader (common.grade) on a realistic mix of responses.
+"""Benchmark the batched math-verify grader (math_world.grade, workers from infra/grader_pool.py) on a realistic mix of responses.
 
     python benchmark_grading.py [--n 2000] [--workers 2] [--timeout 5] [--out results/bench/grading.json]
 
@@ -16,7 +16,9 @@ import platform
 import random
 import time
 
-from common import default_grade_workers, environment_info, grade, write_json_atomic
+from common import environment_info, write_json_atomic
+from infra.grader_pool import default_workers as default_grade_workers
+from math_world import grade
 
 FILLER = ("Let me set up the equations. Wait, maybe I should check the constraint again. Hmm, the "
           "discriminant seems positive, so perhaps there are two roots. Actually, let me verify the "

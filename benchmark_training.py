@@ -17,6 +17,7 @@ hardware FLOPs). Writes JSON to results/bench/.
 """
 import argparse
 import copy
+import dataclasses
 import importlib.util
 import json
 import os
@@ -29,6 +30,7 @@ import torch
 
 import common
 import exp02_onpolicy_grpo_sdpo as exp02
+from infra import loss_head, rollout
 
 # Architectures of the math presets (their config.json on the hub; random weights are built from these).
 ARCH = {
@@ -48,6 +50,10 @@ ARCH = {
                                               tie_word_embeddings=False, max_position_embeddings=65536)),
 }
 ARCH["qwen3-8b-nothink"] = ARCH["qwen3-8b"]
+# The tests' tiny Qwen3 (tests/tiny.py): byte-level vocabulary, 2 layers of 128.
+ARCH["tiny-random"] = ("Qwen3Config", dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=4, head_dim=32, vocab_size=262,
+                                           tie_word_embeddings=True, max_position_embeddings=4096))
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0}  # dense bf16 tensor-core peak per GPU
 
 
@@ -55,7 +61,7 @@ def build_model(preset: str, layers: int | None, device: str):
     """(model fp32, pad id, eos id) with random weights; tiny-random and toy load as exp02 does."""
     if preset not in ARCH:
         model, tokenizer, loaded = common.load_model(preset, device=device, dtype=torch.float32)
-        if loaded["world"] == "math":  # as exp02 trains the math world
+        if exp02.pick_world(preset).ACTIVATION_CHECKPOINTING:  # as exp02 trains this world
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return model, tokenizer.pad_token_id, tokenizer.eos_token_id
     import transformers
@@ -85,7 +91,7 @@ def synthetic_data(args, vocab: int) -> dict:
     rand = lambda k: torch.randint(1, vocab - 1, (k,), generator=g).tolist()  # noqa: E731
     seqs = [(rand(args.prompt_len), rand(args.response_len)) for _ in range(args.batch)]
     return {"seqs": seqs, "teacher_seqs": [(rand(args.teacher_prompt_len), r) for _, r in seqs],
-            "flat": [common.Sample(r, "", "length") for _, r in seqs],
+            "flat": [rollout.Sample(r, "", "length") for _, r in seqs],
             "rewards": torch.tensor([float(i % 2) for i in range(args.batch)]), "has_demo": torch.ones(args.batch)}
 
 
@@ -99,7 +105,10 @@ def bench_update(args, method, student, teacher, data, pad, device) -> dict:
     for i in range(args.warmup + args.steps):
         sync(device)
         t0 = time.perf_counter()
-        exp02.update(s, method, student, teacher, opt, data, pad, epistemic, step=i + 1)
+        rollouts = exp02.Rollouts(samples=data["flat"], rewards=data["rewards"], grader=common.GradeReport(correct=[]),
+                                  seqs=data["seqs"], teacher_seqs=data["teacher_seqs"], has_demo=data["has_demo"])
+        exp02.update(dataclasses.replace(s, method=method), student=student, teacher=teacher, opt=opt,
+                     rollouts=rollouts, pad_id=pad, epistemic_ids=epistemic, step=i + 1)
         sync(device)
         times.append(time.perf_counter() - t0)
     seconds = sum(times[args.warmup:]) / args.steps
@@ -120,7 +129,7 @@ def bench_generation(args, model, pad, eos, device) -> dict:
         def decode(self, ids, skip_special_tokens=True):
             return ""
 
-    gen = common.HFGenerator(model, NoText())
+    gen = rollout.HFGenerator(model, NoText())
     g = torch.Generator().manual_seed(1)
     vocab = model.get_output_embeddings().weight.shape[0]
     prompts = [torch.randint(1, vocab - 1, (args.prompt_len,), generator=g).tolist()
@@ -140,7 +149,7 @@ def bench_trl(args) -> dict:
     if importlib.util.find_spec("trl") is None:
         return {"skipped": "trl is not installed (pip install trl to compare)"}
     if args.preset in ARCH:
-        return {"skipped": "the TRL comparison needs a tokenizer: use --preset tiny-random or toy"}
+        return {"skipped": "the TRL comparison needs a tokenizer: use --preset toy"}
     import tempfile
 
     import datasets
@@ -177,7 +186,7 @@ def loss_head(args) -> dict:
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     t0 = time.perf_counter()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        outs = [torch.utils.checkpoint.checkpoint(exp02._chunk_stats, hidden[a:a + args.logit_chunk], weight,
+        outs = [torch.utils.checkpoint.checkpoint(loss_head._chunk_stats, hidden[a:a + args.logit_chunk], weight,
                                                   targets[a:a + args.logit_chunk], k, None, use_reentrant=False)
                 for a in range(0, n, args.logit_chunk)]
         loss = torch.cat([o[0] for o in outs]).sum() + torch.cat([o[1] for o in outs]).exp().sum()

@@ -1,23 +1,15 @@
-"""Infrastructure shared by every experiment: model presets and loading, chat prompts,
-generation backends, the verifier and batched grader, the epistemic counter, evaluation metrics,
-datasets, run directories and settings parsing. Flat functions; no experiment logic lives here.
+"""What every experiment shares, and nothing else: model presets and loading, the chat prompt and
+the teacher's message, the thinking split, the epistemic counter, avg@k / pass@k, evaluation,
+run files (atomic writes, metrics, final.json) and the tables printed at the end of a run.
 
-Both worlds go through the same functions: the math world (real models, math-verify) and the toy
-world (`toy_world.py`, a ~1M-parameter Qwen3 shipped in `toy_model/`).
+Both worlds (toy_world.py, math_world.py) go through these functions; infrastructure (process
+groups, rollout engines, the grader pool, checkpoints, the loss head) lives in infra/.
 """
 from __future__ import annotations
 
-import ast
-import atexit
-import contextlib
 import dataclasses
 import importlib.metadata
-import importlib.util
-import inspect
-import itertools
 import json
-import math
-import multiprocessing as mp
 import os
 import platform
 import random
@@ -26,16 +18,13 @@ import shutil
 import subprocess
 import sys
 import textwrap
-import threading
-import time
-from collections import deque
 from dataclasses import dataclass, field
-from functools import lru_cache
-from multiprocessing import connection as mp_connection
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from infra.hub import SetupError, hub_offline, hub_unreachable, offline_message
 
 ROOT = Path(__file__).resolve().parent
 
@@ -55,109 +44,19 @@ PRESETS = {
     # The embedded toy world: greedy evaluation (deterministic and cheap), short responses.
     "toy": dict(world="toy", hub_id=str(ROOT / "toy_model"), thinking=True, think_in_prompt=False,
                 temperature=0.0, top_p=1.0, max_new_tokens=64),
-    # For tests: a few-hundred-k-parameter Qwen3 from a config, byte-level tokenizer built here.
-    "tiny-random": dict(_THINK, hub_id=None, max_new_tokens=32),
-    "tiny-random-r1": dict(_THINK, hub_id=None, max_new_tokens=32, think_in_prompt=True),
 }
-
-
-class SetupError(RuntimeError):
-    """Something the run needs cannot be had (a hub model or dataset offline, a missing file);
-    the message names the fix."""
-
-
-class Interrupted(Exception):
-    """Ctrl-C during a run: carries the run directory so that `cli` can name where it stopped."""
-
-    def __init__(self, run):
-        super().__init__(str(run))
-        self.run = Path(run)
-
-
-def resume_command() -> str:
-    """The command line of this process with --resume added: what continues an interrupted run."""
-    import shlex
-
-    args = [a for a in sys.argv[1:]] + ([] if "--resume" in sys.argv else ["--resume"])
-    if world_size() > 1:
-        launcher = ["torchrun", "--nproc_per_node", os.environ.get("LOCAL_WORLD_SIZE", str(world_size()))]
-    else:
-        launcher = [Path(sys.executable).name if Path(sys.executable).parent == Path(".") else sys.executable]
-    return shlex.join(launcher + [sys.argv[0]] + args)
-
-
-def progress(run: Path) -> str:
-    """Where a run directory stands: its newest checkpoint step, or the stages it holds."""
-    steps = sorted((run / "checkpoints").glob("step_*"))
-    if steps:
-        return f"last checkpoint at step {int(steps[-1].name[5:])}"
-    stages = sorted(p.stem for p in (run / "stages").glob("*.json"))
-    if stages:
-        return f"finished stages {', '.join(stages)}"
-    return "no checkpoint yet (a resume starts it again)"
-
-
-def cli(main_fn, argv=None):
-    """Run a script's main(); bad input ends with one clear line on stderr and exit code 2
-    instead of a traceback; Ctrl-C with one line naming the last checkpoint and the command that
-    resumes (exit 130)."""
-    import signal
-
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started in the background
-    try:
-        result = main_fn(argv)
-        shutdown_distributed()
-        return result
-    except (ValueError, FileExistsError, FileNotFoundError, SetupError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except (Interrupted, KeyboardInterrupt) as e:
-        if is_main():
-            where = f"{e.run}: {progress(e.run)}" if isinstance(e, Interrupted) else "before training began"
-            print(f"interrupted (Ctrl-C), {where}; continue with: {resume_command()}", file=sys.stderr)
-        raise SystemExit(130) from None
-
-
-def hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
-
-
-def hub_unreachable(hub_id: str, kind: str) -> str | None:
-    """Why the Hugging Face hub cannot be reached (one TCP connect, 3 s at most), or None. The hub
-    client retries an unreachable host for ~48 s before failing; this answers at once. A model or
-    dataset in the local cache still loads offline (callers then read the cache only)."""
-    import socket
-    from urllib.parse import urlparse
-
-    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    try:
-        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=3).close()
-        return None
-    except OSError as e:
-        return f"{url.hostname}: {e}"
-
-
-def offline_message(hub_id: str, kind: str, error: BaseException | str) -> str:
-    """One paragraph: what failed (the whole underlying message), and the two ways out."""
-    what = " ".join(str(error).split()) if isinstance(error, str) else \
-        f"{error.__class__.__name__}: {' '.join(str(error).split())}"
-    local = ("pass the directory with --model PATH" if kind == "model" else
-             "pass local parquet files in the paper's layout with --train-file / --data-dir")
-    return (f"could not load the {kind} {hub_id!r} from the Hugging Face hub ({what}). If this machine is "
-            f"offline: download it on a connected one (`huggingface-cli download {hub_id}`"
-            f"{' --repo-type dataset' if kind == 'dataset' else ''}) and either copy the cache here "
-            f"and set HF_HUB_OFFLINE=1, or {local}.")
 
 
 def resolve_preset(name: str) -> dict:
     """A preset by short name, or a generic entry for a local path or a hub id `org/name`."""
     if name in PRESETS:
         return dict(PRESETS[name], name=name)
-    config = Path(name) / "config.json"
-    if config.exists() and json.loads(config.read_text()).get("toy_world"):  # e.g. a trained toy checkpoint
+    config = json.loads((Path(name) / "config.json").read_text()) if (Path(name) / "config.json").exists() else {}
+    if config.get("toy_world"):  # e.g. a trained toy checkpoint
         return dict(PRESETS["toy"], hub_id=name, name=name)
     if Path(name).exists() or name.count("/") == 1 and not name.startswith(("/", ".")):
-        return dict(_THINK, hub_id=name, name=name, think_in_prompt=None)  # None: detect from template
+        # think_in_prompt None: detected from the chat template; a saved model may set preset fields
+        return dict(_THINK, hub_id=name, name=name, think_in_prompt=None, **config.get("preset", {}))
     raise ValueError(f"unknown model {name!r}: use one of {', '.join(PRESETS)}, a local model directory, "
                      "or a Hugging Face hub id such as Qwen/Qwen3-8B")
 
@@ -173,50 +72,20 @@ def load_model(name: str, device: str | None = None, dtype: torch.dtype | None =
     preset = resolve_preset(name)
     device = device or default_device()
     dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
-    if name.startswith("tiny-random"):
-        model, tokenizer = tiny_random_model(think_in_prompt=preset["think_in_prompt"])
-    else:
-        path = preset["hub_id"]
-        if preset["world"] == "toy" and not Path(path).exists():
-            raise FileNotFoundError(f"the toy model is missing at {path}: regenerate it with "
-                                    "`python toy_world.py build` (or `git checkout toy_model`)")
-        why = None if Path(path).exists() or hub_offline() else hub_unreachable(path, "model")
-        try:  # hub unreachable: the local cache only (no retries), else the usual lookup
-            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=why is not None)
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=why is not None)
-        except OSError as e:
-            if why:
-                raise SetupError(offline_message(path, "model", f"{why}; not in the local cache: {e}")) from None
-            raise SetupError(offline_message(path, "model", e)) from None
+    path = preset["hub_id"]
+    if preset["world"] == "toy" and not Path(path).exists():
+        raise FileNotFoundError(f"the toy model is missing at {path}: regenerate it with "
+                                "`python toy_world.py build` (or `git checkout toy_model`)")
+    why = None if Path(path).exists() or hub_offline() else hub_unreachable(path, "model")
+    try:  # hub unreachable: the local cache only (no retries), else the usual lookup
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=why is not None)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=why is not None)
+    except OSError as e:
+        error = f"{why}; not in the local cache: {e}" if why else e
+        raise SetupError(offline_message(path, "model", error)) from None
     if preset["think_in_prompt"] is None:
         preset["think_in_prompt"] = opens_think_in_prompt(tokenizer)
     return model.to(device=device, dtype=dtype).eval(), tokenizer, preset
-
-
-def tiny_random_model(think_in_prompt: bool = False, seed: int = 0):
-    """A ~360k-parameter Qwen3 with a byte-level tokenizer and a Qwen3-style chat template
-    (DeepSeek-R1-style when `think_in_prompt`: the generation prompt opens <think>)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
-
-    tok = Tokenizer(models.BPE({c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    opener = "<think>\n" if think_in_prompt else ""
-    template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-                "{% if add_generation_prompt %}<|im_start|>assistant\n" + opener +
-                "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}"
-                "{% endif %}")
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                        chat_template=template, padding_side="left",
-                                        additional_special_tokens=["<|im_start|>"])
-    tokenizer.add_tokens(["<think>", "</think>"])
-    config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, head_dim=32, max_position_embeddings=4096,
-                         tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
-    torch.manual_seed(seed)
-    return Qwen3ForCausalLM(config), tokenizer
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,382 +113,8 @@ def teacher_message(user_message: str, solution: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Generation: one small interface, two backends. Token ids in; token ids, text, finish reason out.
+# The epistemic counter (docs/PROTOCOL.md, "Epistemic verbalization")
 # ---------------------------------------------------------------------------------------------
-@dataclass
-class Sample:
-    token_ids: list[int]  # generated ids, the EOS included when the model stopped
-    text: str  # decoded without special tokens
-    finish_reason: str  # "stop" (EOS) or "length" (hit max_tokens)
-    logprobs: list[float] | None = None  # the rollout engine's log-prob of each token (vLLM only)
-
-
-class HFGenerator:
-    """transformers `generate` (CPU or GPU) over left-padded batches. It samples from the trainer's
-    own module, so its weights are always current (`sleep` and `load_weights` do nothing)."""
-
-    def __init__(self, model, tokenizer, batch_size: int = 256):
-        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
-
-    @torch.no_grad()
-    def generate(self, prompts: list[list[int]], n: int = 1, temperature: float = 1.0, top_p: float = 1.0,
-                 top_k: int = 0, max_tokens: int = 256, seed: int = 0) -> list[list[Sample]]:
-        from transformers import GenerationConfig
-
-        torch.manual_seed(seed)
-        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
-        config = GenerationConfig(do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
-                                  top_p=top_p if temperature > 0 else None, top_k=top_k if temperature > 0 else None,
-                                  max_new_tokens=max_tokens, eos_token_id=eos, pad_token_id=pad)
-        flat = [p for p in prompts for _ in range(n)]
-        out: list[Sample] = []
-        device = next(self.model.parameters()).device
-        for i in range(0, len(flat), self.batch_size):
-            input_ids, attention_mask = left_pad(flat[i:i + self.batch_size], pad)
-            # synced_gpus: a sharded (FSDP) model needs every rank in every forward until all have stopped
-            seqs = self.model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                       generation_config=config, synced_gpus=world_size() > 1
-                                       )[:, input_ids.shape[1]:].tolist()
-            for ids in seqs:
-                stop = eos in ids
-                ids = ids[:ids.index(eos) + 1] if stop else ids
-                out.append(Sample(ids, self.tokenizer.decode(ids, skip_special_tokens=True), "stop" if stop else "length"))
-        return [out[j * n:(j + 1) * n] for j in range(len(prompts))]
-
-    def sleep(self) -> None:
-        pass
-
-    def load_weights(self, named_tensors) -> None:
-        pass
-
-
-VLLM_VERSION = "0.32.0"  # the vLLM whose API `push_weights` is written against (requirements-gpu.txt)
-
-
-def check_vllm(live: bool) -> None:
-    """Raise SetupError naming the fix unless vLLM can run here: CUDA, vllm installed and, for a
-    live engine (weights pushed during training), exactly VLLM_VERSION."""
-    if not torch.cuda.is_available():
-        raise SetupError("--backend vllm needs a CUDA machine; use --backend hf on this one")
-    if importlib.util.find_spec("vllm") is None:
-        raise SetupError("--backend vllm needs vllm: pip install -r requirements-gpu.txt")
-    installed = importlib.metadata.version("vllm")
-    if live and installed.split("+")[0] != VLLM_VERSION:
-        raise SetupError(f"vllm {installed} is installed, but the live weight push (common.push_weights) is written "
-                         f"for vllm=={VLLM_VERSION}: pip install vllm=={VLLM_VERSION} (requirements-gpu.txt)")
-
-
-def push_weights(llm, named_tensors) -> None:
-    """Load (HF name, tensor) pairs in place into a colocated engine's model: the ONE place that
-    depends on vLLM internals. `LLM.collective_rpc` runs the function on each worker (here the
-    in-process one, so tensors pass by reference, never through disk); the model's own
-    `load_weights` maps HF names onto vLLM's fused layers (qkv_proj, gate_up_proj). Written
-    against vllm==VLLM_VERSION; check_vllm(live=True) refuses any other version."""
-    llm.collective_rpc(_load_on_worker, args=(named_tensors,))
-
-
-def _load_on_worker(worker, named_tensors) -> None:
-    worker.model_runner.get_model().load_weights(weights=named_tensors)
-
-
-class VLLMGenerator:
-    """vLLM engine (CUDA only, imported lazily). With `live=True` it is colocated with the trainer
-    in this process for on-policy training: sleep mode frees its GPU memory (weights to CPU, KV
-    cache dropped) while the trainer works, and `load_weights` pushes the trainer's updated weights
-    into it after each update (never a reload from disk), then resets the prefix cache so no cached
-    KV from the old weights is reused. Under torchrun every rank runs its own engine."""
-
-    def __init__(self, model_path: str, seed: int = 0, gpu_memory_utilization: float = 0.5, live: bool = False,
-                 **engine_kwargs):
-        check_vllm(live)
-        if live:  # in-process engine core: the worker (and the model push_weights writes into) lives here
-            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        from vllm import LLM  # lazy: importing any project module must work without vllm
-
-        if world_size() > 1:  # one engine per torchrun rank, joined to the running process group
-            engine_kwargs.setdefault("distributed_executor_backend", "external_launcher")
-        self.llm = LLM(model=model_path, seed=seed + rank(), dtype="bfloat16",
-                       gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=live, **engine_kwargs)
-        self.asleep = False
-
-    def generate(self, prompts: list[list[int]], n: int = 1, temperature: float = 1.0, top_p: float = 1.0,
-                 top_k: int = 0, max_tokens: int = 256, seed: int = 0) -> list[list[Sample]]:
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
-
-        if self.asleep:
-            self.llm.wake_up()
-            self.asleep = False
-        params = SamplingParams(n=n, temperature=temperature, top_p=top_p, top_k=top_k if top_k > 0 else -1,
-                                max_tokens=max_tokens, seed=seed, skip_special_tokens=True, logprobs=0)
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
-        return [[Sample(list(c.token_ids), c.text, "length" if c.finish_reason == "length" else "stop",
-                        [lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)] if c.logprobs else None)
-                 for c in o.outputs] for o in outs]
-
-    def sleep(self) -> None:
-        """Level 1: weights offloaded to CPU, KV cache dropped, until load_weights or generate."""
-        self.llm.sleep(level=1)
-        self.asleep = True
-
-    def load_weights(self, named_tensors) -> None:
-        """Push the trainer's weights: wake the weights only, load in place, then allocate the KV
-        cache (after the trainer's cached blocks are released) and reset the prefix cache."""
-        torch.cuda.empty_cache()
-        self.llm.wake_up(tags=["weights"])
-        push_weights(self.llm, named_tensors)
-        self.llm.wake_up(tags=["kv_cache"])
-        self.llm.reset_prefix_cache()
-        self.asleep = False
-
-
-def make_generator(model, tokenizer, backend: str = "auto", model_path: str | None = None, seed: int = 0,
-                   live: bool = False, gpu_memory_utilization: float = 0.5):
-    """`auto` = vLLM when CUDA and vllm are present and the model has a path, else transformers.
-    `live`: the engine follows a model being trained (sleep mode and weight pushes)."""
-    if backend not in ("auto", "hf", "vllm"):
-        raise ValueError(f"unknown generation backend {backend!r}: use auto, hf or vllm")
-    has_vllm = torch.cuda.is_available() and importlib.util.find_spec("vllm") is not None
-    if backend == "vllm":
-        check_vllm(live)
-        if not model_path:
-            raise SetupError("--backend vllm loads the model from a directory or hub id; this model has none "
-                             "(tiny-random is built in memory): use --backend hf")
-    if backend == "vllm" or backend == "auto" and has_vllm and model_path:
-        return VLLMGenerator(model_path, seed=seed, live=live, gpu_memory_utilization=gpu_memory_utilization)
-    return HFGenerator(model, tokenizer)
-
-
-def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(map(len, seqs))
-    ids = torch.tensor([[pad_id] * (width - len(s)) + s for s in seqs])  # (B, T)
-    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs])  # (B, T)
-    return ids, mask
-
-
-def pack_sequences(pairs: list[tuple[list[int], list[int]]], pad_id: int):
-    """[(prompt_ids, response_ids)] -> right-padded input_ids, attention_mask and labels that are
-    -100 except on response tokens (the loss is on the response only)."""
-    width = max(len(p) + len(r) for p, r in pairs)
-    ids = torch.full((len(pairs), width), pad_id)  # (B, T)
-    mask = torch.zeros((len(pairs), width), dtype=torch.long)  # (B, T)
-    labels = torch.full((len(pairs), width), -100)  # (B, T)
-    for i, (p, r) in enumerate(pairs):
-        ids[i, :len(p) + len(r)] = torch.tensor(p + r)
-        mask[i, :len(p) + len(r)] = 1
-        labels[i, len(p):len(p) + len(r)] = torch.tensor(r)
-    return ids, mask, labels
-
-
-# ---------------------------------------------------------------------------------------------
-# Distributed training: torchrun + FSDP2. Launched without torchrun, every function below is the
-# identity or a no-op, so a script reads the same on one process and on many.
-# ---------------------------------------------------------------------------------------------
-def init_distributed(device: str) -> str:
-    """Join torchrun's process group when WORLD_SIZE > 1 (NCCL with one GPU per rank, gloo on
-    CPU) -> this rank's device. Without torchrun: `device` unchanged, no process group."""
-    import torch.distributed as dist
-
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return device
-    if device.startswith("cuda"):
-        device = f"cuda:{os.environ['LOCAL_RANK']}"
-        torch.cuda.set_device(device)
-    if dist.is_initialized():  # a second arm or seed in the same run
-        return device
-    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())  # a rank that failed
-    return device
-
-
-def shutdown_distributed() -> None:
-    """After a run that succeeded on every rank: end the process group together. The barrier keeps
-    a rank from tearing down its connections while a peer still uses them (gloo then aborts the
-    peer at exit, "terminate called without an active exception"). No-op without torchrun."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
-def world_size() -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def is_main() -> bool:
-    """Rank 0: the only process that writes files and prints."""
-    return rank() == 0
-
-
-def rank_share(n: int, blocks: int) -> list[int]:
-    """Indices of this rank's items among n: the rank's contiguous 1/world of each of `blocks`
-    equal consecutive blocks. With blocks = optimizer mini-batches, optimizer step j sees exactly
-    the items it sees in a single process; one rank and one block: everything."""
-    per_block, w = n // blocks, world_size()
-    per_rank = per_block // w
-    return [b * per_block + rank() * per_rank + i for b in range(blocks) for i in range(per_rank)]
-
-
-def gather_objects(obj) -> list:
-    """[obj of rank 0, obj of rank 1, ...] on every rank (pickled); [obj] in a single process."""
-    if world_size() == 1:
-        return [obj]
-    import torch.distributed as dist
-
-    out = [None] * world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def main_only(fn, *args, **kwargs):
-    """Run fn on rank 0 only; every rank returns its result or raises its error, so that (say) a
-    refused run directory stops all ranks alike instead of leaving them waiting."""
-    if world_size() == 1:
-        return fn(*args, **kwargs)
-    import torch.distributed as dist
-
-    box = [None]
-    if is_main():
-        try:
-            box = [(True, fn(*args, **kwargs))]
-        except Exception as e:  # noqa: BLE001 -- re-raised on every rank below
-            box = [(False, e)]
-    dist.broadcast_object_list(box, src=0)
-    ok, value = box[0]
-    if not ok:
-        raise value
-    return value
-
-
-def bf16_compute(device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA (fp32 master weights, bf16 matmuls), nothing on CPU. Under FSDP2 the
-    mixed-precision policy already gathers bf16 parameters; autocast then changes nothing."""
-    device = torch.device(device)
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-
-
-def shard_model(model, mixed_precision: bool) -> None:
-    """FSDP2 (`fully_shard`) over all ranks: each decoder layer, then the root (embeddings, final
-    norm, head). With mixed_precision, parameters are all-gathered in bf16 for compute and
-    gradients reduce-scattered in fp32, while the sharded parameters (and so the optimizer's
-    master weights) keep their own dtype. Single process: nothing."""
-    if world_size() == 1:
-        return
-    import warnings
-
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    # HF returns views of its outputs; we never modify them in place, so FSDP's warning is moot.
-    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
-    mp_policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision
-                 else MixedPrecisionPolicy())
-    for layer in model.model.layers:
-        fully_shard(layer, mp_policy=mp_policy)
-    fully_shard(model, mp_policy=mp_policy)
-
-
-def reshard(model) -> None:
-    """Free an FSDP2 root's gathered parameters after a no-grad forward: the root keeps them after
-    its forward (so that the loss head can use the output embedding outside the module), and only
-    a backward frees them otherwise. Not sharded: nothing."""
-    from torch.distributed.fsdp import FSDPModule
-
-    if isinstance(model, FSDPModule):
-        model.reshard()
-
-
-def full_tensor(t: torch.Tensor) -> torch.Tensor:
-    """The whole tensor of an FSDP shard (a collective: every rank must call it); else t itself."""
-    from torch.distributed.tensor import DTensor
-
-    return t.full_tensor() if isinstance(t, DTensor) else t
-
-
-def full_weights(model, dtype=torch.bfloat16):
-    """(name, full tensor) for every entry of the state dict, gathered one tensor at a time (peak
-    extra memory: one tensor), for pushing into a rollout engine. Every rank must consume it."""
-    for name, t in model.state_dict().items():
-        yield name, full_tensor(t).to(dtype)
-
-
-def gather_full_state(model, optimizer=None) -> dict:
-    """{"model": full fp32 state dict, "optimizer": full optimizer state} on CPU, for checkpoints:
-    complete on rank 0, empty on the other ranks (a collective: every rank must call it)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
-
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    if optimizer is None:
-        return {"model": get_model_state_dict(model, options=options)}
-    model_state, optim_state = get_state_dict(model, optimizer, options=options)
-    return {"model": model_state, "optimizer": optim_state}
-
-
-def load_full_state(model, optimizer, state: dict) -> None:
-    """Inverse of gather_full_state: rank 0's full state (other ranks pass {}) into every rank's
-    shards, broadcast from rank 0."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                         set_optimizer_state_dict)
-
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=world_size() > 1)
-    set_model_state_dict(model, state.get("model", {}), options=options)  # (set_state_dict skips an empty dict)
-    set_optimizer_state_dict(model, optimizer, state.get("optimizer", {}), options=options)
-
-
-def gather_tensors(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Full CPU copies of (possibly sharded) tensors, e.g. the EMA teacher's fp32 shadows."""
-    return [full_tensor(t).detach().cpu() for t in tensors]
-
-
-@torch.no_grad()
-def scatter_tensors(tensors: list[torch.Tensor], full: list[torch.Tensor] | None) -> None:
-    """Copy rank 0's full tensors (other ranks pass None) into each rank's shard of `tensors`."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    for i, t in enumerate(tensors):
-        if not isinstance(t, DTensor):
-            t.copy_(full[i])
-            continue
-        import torch.distributed as dist
-
-        whole = full[i].to(t.device) if is_main() else torch.empty(t.shape, dtype=t.dtype, device=t.device)
-        dist.broadcast(whole, src=0)
-        t.copy_(distribute_tensor(whole, t.device_mesh, t.placements, src_data_rank=None))
-
-
-class ShardedGenerator:
-    """Wraps a generator for evaluation under torchrun: each rank samples a contiguous share of
-    the prompts and every rank gets all samples back in order. Shares are padded to equal size,
-    so that FSDP's collective forwards (transformers backend) stay in step. One rank: a pass-through."""
-
-    def __init__(self, generator):
-        self.generator = generator
-
-    def generate(self, prompts: list[list[int]], seed: int = 0, **kwargs) -> list[list[Sample]]:
-        per = -(-len(prompts) // world_size())
-        mine = prompts[rank() * per:(rank() + 1) * per]
-        padded = mine + [prompts[-1]] * (per - len(mine))
-        out = self.generator.generate(padded, seed=seed + 1_000_003 * rank(), **kwargs)[:len(mine)]
-        return [group for part in gather_objects(out) for group in part]
-
-
-# =============================================================================
-# Grading: epistemic counter, thinking split, math-verify verifier, avg@k/pass@k,
-# paper parquet reader. Pure stdlib + numpy; math_verify and pandas are imported
-# lazily so that `import common` stays fast and graders can live in workers.
-# =============================================================================
-
-
-# ---- epistemic verbalization (PAPER.md, "Epistemic verbalization metric") ----
-
 EPISTEMIC_WORDS = ("wait", "hmm", "perhaps", "maybe", "actually", "alternatively", "seems", "might", "likely", "check")
 # Word mode: whole words, case-insensitive. "hmm" also matches "hmmm", "Hmmmm," (hm{2,}), because the
 # model spells its hesitation with any number of m's; every other word must match exactly, so
@@ -689,86 +184,6 @@ def strip_thinking(response: str, think_in_prompt: bool = False) -> str:
     return _THINK_BLOCK.sub("", response).strip()
 
 
-# ---- verifier (math-verify) ----
-
-_UNESCAPED_DOLLAR = re.compile(r"(?<!\\)\$")
-
-
-def _wrap_gold(gold: str) -> str:
-    # Bare LaTeX golds mis-parse: "\left( 3, \frac{\pi}{2} \right)" alone parses to 3. Boxing makes
-    # math-verify's boxed extractor take the whole expression. "\$18.90" is an escaped dollar, not math mode.
-    if "\\boxed" in gold or _UNESCAPED_DOLLAR.search(gold):
-        return gold
-    return f"\\boxed{{{gold}}}"
-
-
-@lru_cache(maxsize=1)
-def _extraction_config() -> tuple:
-    from math_verify import ExprExtractionConfig, LatexExtractionConfig
-    return (LatexExtractionConfig(), ExprExtractionConfig())
-
-
-@lru_cache(maxsize=4096)
-def _parse_gold(gold: str, alarm_s: int | None) -> tuple:
-    # Eval grades 16 samples per gold, so each worker parses a gold once. Exceptions are not cached.
-    from math_verify import parse
-    return tuple(parse(_wrap_gold(gold), list(_extraction_config()), parsing_timeout=alarm_s, raise_on_error=True))
-
-
-def _verify_answer(answer: str, gold: str, timeout_s: float | None) -> tuple[bool, str]:
-    """Grade one final answer -> (correct, status), status in {"ok", "timeout", "error: ..."}.
-
-    Same result as math_verify.verify(parse(gold), parse(answer)) with its defaults, but failures are
-    reported instead of silently scored 0: we compare each (gold, pred) candidate pair ourselves so a
-    pair that raises does not hide another pair that matches. timeout_s=None turns math-verify's
-    signal.alarm off (used in workers, where the parent's kill is the timeout).
-    """
-    from math_verify import parse, verify as mv_verify
-    from math_verify.errors import TimeoutException  # a BaseException: `except Exception` misses it
-
-    alarm_s = None if timeout_s is None else max(1, math.ceil(timeout_s))  # signal.alarm takes whole seconds
-    try:
-        golds = _parse_gold(gold, alarm_s)
-        preds = parse(answer, list(_extraction_config()), parsing_timeout=alarm_s, raise_on_error=True)
-    except TimeoutException:
-        return False, "timeout"
-    except Exception as e:  # noqa: BLE001 -- counted, never swallowed
-        return False, f"error: {type(e).__name__}: {str(e)[:200]}"
-    if not golds:
-        return False, f"error: gold {gold!r} parsed to nothing"
-    status = "ok"
-    for g, p in itertools.product(golds, preds):
-        try:
-            if mv_verify(g, p, timeout_seconds=alarm_s, raise_on_error=True):
-                return True, "ok"
-        except TimeoutException:
-            status = "timeout"
-        except Exception as e:  # noqa: BLE001
-            status = status if status == "timeout" else f"error: {type(e).__name__}: {str(e)[:200]}"
-    return False, status
-
-
-def verify(response: str, gold: str, think_in_prompt: bool = False, timeout_s: float = 5.0) -> bool:
-    """True iff the final answer (after </think>) equals the gold under math-verify.
-
-    Only the final answer is graded; an answer that appears only inside the thinking scores 0.
-    Raises TimeoutError when math-verify's alarm (ceil(timeout_s) s per parse/comparison) fired and
-    RuntimeError when math-verify raised, so a failure is never mistaken for a wrong answer.
-    math-verify uses signal.alarm, so this must run in the MAIN thread; use grade() anywhere else.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        raise RuntimeError("verify() uses signal.alarm and must run in the main thread; use grade()")
-    answer = split_thinking(response, think_in_prompt)[1]
-    if not answer:  # unfinished thinking or empty final answer
-        return False
-    correct, status = _verify_answer(answer, gold, timeout_s)
-    if status == "timeout" and not correct:
-        raise TimeoutError(f"math-verify timed out after {timeout_s}s on gold {gold!r}")
-    if status.startswith("error") and not correct:
-        raise RuntimeError(f"math-verify failed on gold {gold!r}: {status}")
-    return correct
-
-
 @dataclass
 class GradeReport:
     """Outcome of grade(): every timeout and error is wrong AND listed, never a silent 0."""
@@ -784,186 +199,6 @@ class GradeReport:
         n = len(self.correct)
         return {"n": n, "accuracy": sum(self.correct) / n if n else 0.0, "timeouts": self.timeouts,
                 "errors": self.errors, "seconds": round(self.seconds, 3)}
-
-
-def _grade_worker(conn) -> None:
-    """Worker loop; module-level so spawn/forkserver children import it as common._grade_worker.
-    Receives batches [(idx, answer, gold)], sends one (idx, correct, status) per item so the parent
-    can time each item; None or a closed pipe ends it."""
-    import logging
-    logging.getLogger("math_verify").setLevel(logging.CRITICAL)  # "timeout disabled" noise; we count ourselves
-    _verify_answer("1", "1", None)  # warm-up (imports, regex compilation) before any item's clock starts
-    conn.send(("ready",))
-    with contextlib.suppress(EOFError):  # parent gone
-        for batch in iter(conn.recv, None):
-            for idx, answer, gold in batch:
-                conn.send((idx, *_verify_answer(answer, gold, None)))
-
-
-@dataclass
-class _Worker:
-    proc: object
-    conn: object
-    started: float
-    ready: bool = False
-    items: deque = field(default_factory=deque)  # batch in flight; items[0] is the one running
-    t_item: float = 0.0  # when items[0] started (dispatch or previous result)
-
-
-class _GraderPool:
-    """Persistent worker processes with a per-item wall-clock kill. math-verify's own alarm is off in
-    workers: the parent's kill is the one timeout, exact to timeout_s and effective on hangs that never
-    return to the interpreter (C code, swallowed alarms, deadlocks) and in any thread."""
-
-    STARTUP_S = 180.0  # a fresh worker imports `common` (torch, ~2 s) unless the forkserver preloaded it
-
-    def __init__(self, n: int):
-        methods = mp.get_all_start_methods()
-        # forkserver: children fork from a clean server that preloaded this module and math_verify, so
-        # a killed worker is replaced in milliseconds and no child inherits torch's threads.
-        self.ctx = mp.get_context("forkserver" if "forkserver" in methods else "spawn")
-        if self.ctx.get_start_method() == "forkserver":
-            self.ctx.set_forkserver_preload([__name__, "math_verify"])
-        self.pid, self.n = os.getpid(), n
-        self.workers = [self._start() for _ in range(n)]
-
-    def _start(self) -> _Worker:
-        parent_conn, child_conn = self.ctx.Pipe(duplex=True)
-        proc = self.ctx.Process(target=_grade_worker, args=(child_conn,), daemon=True)
-        proc.start()
-        child_conn.close()
-        return _Worker(proc, parent_conn, time.monotonic())
-
-    def _replace(self, i: int, queue: deque, results: dict, status: str) -> None:
-        w = self.workers[i]
-        w.proc.kill()
-        w.proc.join()
-        w.conn.close()
-        if not w.ready:
-            raise RuntimeError("grading worker died or hung while starting; run grade(..., workers=0) to see why")
-        if w.items:
-            results[w.items.popleft()[0]] = (False, status)  # the item that was running
-            if w.items:
-                queue.appendleft(list(w.items))  # the rest of its batch goes back to the queue
-        self.workers[i] = self._start()
-
-    def run(self, jobs: list[tuple[int, str, str]], timeout_s: float) -> dict[int, tuple[bool, str]]:
-        chunk = max(1, min(32, math.ceil(len(jobs) / (4 * self.n))))  # ~4 batches per worker balances load
-        queue = deque(jobs[i:i + chunk] for i in range(0, len(jobs), chunk))
-        results: dict[int, tuple[bool, str]] = {}
-        while len(results) < len(jobs):
-            now = time.monotonic()
-            for i, w in enumerate(self.workers):
-                if w.ready and not w.items and queue:
-                    batch = queue.popleft()
-                    try:
-                        w.conn.send(batch)
-                        w.items, w.t_item = deque(batch), now
-                    except OSError:  # died while idle: nothing of this batch ran, so nothing is charged
-                        queue.appendleft(batch)
-                        self._replace(i, queue, results, "unused")
-            deadlines = [w.t_item + timeout_s for w in self.workers if w.items] or [now + 0.5]
-            ready = mp_connection.wait([w.conn for w in self.workers], timeout=max(0.0, min(deadlines) - now))
-            for i, w in enumerate(self.workers):
-                if w.conn not in ready:
-                    continue
-                try:
-                    while w.conn.poll():
-                        msg = w.conn.recv()
-                        if msg == ("ready",):
-                            w.ready = True
-                            continue
-                        w.items.popleft()
-                        w.t_item = time.monotonic()
-                        results[msg[0]] = (msg[1], msg[2])
-                except (EOFError, OSError):  # crashed (segfault, OOM killer): its running item is an error
-                    self._replace(i, queue, results, "error: worker process died")
-            now = time.monotonic()
-            for i, w in enumerate(self.workers):
-                if w.items and now - w.t_item > timeout_s:
-                    self._replace(i, queue, results, "timeout")
-                elif not w.ready and now - w.started > self.STARTUP_S:
-                    self._replace(i, queue, results, "error: worker never started")
-        return results
-
-    def close(self) -> None:
-        for w in self.workers:
-            with contextlib.suppress(OSError):
-                w.conn.send(None)
-        for w in self.workers:
-            w.proc.join(timeout=1.0)
-            w.proc.kill()  # no-op when it already exited
-            w.proc.join()
-            w.conn.close()
-        self.workers = []
-
-
-_POOL: _GraderPool | None = None  # the only module-level state: reusing workers saves their start-up
-_POOL_LOCK = threading.Lock()  # one grade() at a time drives the pool
-
-
-def _shutdown_pool() -> None:
-    global _POOL
-    if _POOL is not None and _POOL.pid == os.getpid():  # a forked child must not kill its parent's workers
-        _POOL.close()
-    _POOL = None
-
-
-atexit.register(_shutdown_pool)
-
-
-def default_grade_workers() -> int:
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(8, n))
-
-
-def grade(responses: list[str], golds: list[str], think_in_prompt: bool = False,
-          timeout_s: float = 5.0, workers: int | None = None) -> GradeReport:
-    """Batched verify(): correct[i] = verify(responses[i], golds[i]), in input order.
-
-    Each item gets timeout_s seconds of wall clock in a worker process; a hung item has its worker
-    killed and replaced and is counted in `timeouts`; an exception in math-verify is counted in
-    `errors`. Both score 0. Responses without a final answer score 0 without a round-trip.
-    workers=None -> min(8, usable cores); workers=0 grades in this process (main thread only; only
-    math-verify's own alarm, ceil(timeout_s) s per parse/comparison, no kill; for debugging).
-    Workers start via forkserver (spawn where missing), which re-imports the main module: a script
-    calling grade() needs the `if __name__ == "__main__":` guard.
-    """
-    global _POOL
-    if len(responses) != len(golds):
-        raise ValueError(f"grade(): {len(responses)} responses but {len(golds)} golds")
-    if not timeout_s > 0 or (workers is not None and workers < 0):
-        raise ValueError(f"grade(): need timeout_s > 0 and workers >= 0, got {timeout_s}, {workers}")
-    t0 = time.monotonic()
-    answers = [split_thinking(r, think_in_prompt)[1] for r in responses]
-    jobs = [(i, a, str(g)) for i, (a, g) in enumerate(zip(answers, golds)) if a]  # None/"" -> 0, no trip
-    workers = default_grade_workers() if workers is None else workers
-    if workers == 0 or not jobs:
-        if jobs and threading.current_thread() is not threading.main_thread():
-            raise RuntimeError("grade(workers=0) uses signal.alarm and must run in the main thread")
-        results = {i: _verify_answer(a, g, timeout_s) for i, a, g in jobs}
-    else:
-        with _POOL_LOCK:
-            if _POOL is None or _POOL.n != workers or _POOL.pid != os.getpid():
-                _shutdown_pool()
-                _POOL = _GraderPool(workers)
-            try:
-                results = _POOL.run(jobs, timeout_s)
-            except BaseException:  # Ctrl-C mid-batch leaves workers busy: drop the pool, start clean next time
-                _shutdown_pool()
-                raise
-    report = GradeReport(correct=[False] * len(responses))
-    for i, (ok, status) in sorted(results.items()):
-        report.correct[i] = bool(ok)
-        if status == "timeout":
-            report.timed_out.append(i)
-        elif status != "ok":
-            report.errored.append(i)
-        if status != "ok":
-            report.details[i] = status
-    report.timeouts, report.errors = len(report.timed_out), len(report.errored)
-    report.seconds = time.monotonic() - t0
-    return report
 
 
 # ---- avg@k, pass@k ----
@@ -995,122 +230,6 @@ def mean_pass_at_k(correct, k: int) -> float:
     return float(np.mean([pass_at_k(n, int(row.sum()), k) for row in c]))
 
 
-# ---- the paper's parquet files (verl layout) ----
-
-def read_paper_parquet(path) -> list[dict]:
-    """Rows of a verl-layout parquet as [{"prompt", "gold", "data_source", "extra_info"}].
-
-    Handles both layouts of the release: nested columns (aime24, coverage/*: prompt is an array of one
-    {role, content} dict, reward_model a dict) and JSON strings (aime25, amc23, math500). prompt is the
-    single user message's text; gold = str(reward_model["ground_truth"]).
-    """
-    import pandas as pd
-
-    df = pd.read_parquet(path)
-    if len(df) == 0:
-        raise ValueError(f"{path}: no rows")
-    for col in ("prompt", "reward_model", "data_source"):
-        if col not in df.columns:
-            raise ValueError(f"{path}: missing column {col!r} (verl layout: data_source, prompt, reward_model, extra_info)")
-
-    def bad(col: str, i: int, expected: str, got) -> ValueError:
-        return ValueError(f"{path}: column {col!r} row {i}: expected {expected}, got {str(got)[:120]!r}")
-
-    def decode(value, col: str, i: int):  # JSON-string layout -> the nested layout's objects
-        if not isinstance(value, str):
-            return value
-        try:
-            return json.loads(value)
-        except json.JSONDecodeError:
-            raise bad(col, i, "JSON (string is not JSON)", value) from None
-
-    rows = []
-    for i, rec in enumerate(df.to_dict("records")):
-        msgs = decode(rec["prompt"], "prompt", i)
-        msgs = list(msgs) if isinstance(msgs, (list, tuple, np.ndarray)) else []
-        if len(msgs) != 1 or not isinstance(msgs[0], dict) or msgs[0].get("role") != "user" \
-                or not isinstance(msgs[0].get("content"), str):
-            raise bad("prompt", i, "a list of one {'role': 'user', 'content': str} message", rec["prompt"])
-        rm = decode(rec["reward_model"], "reward_model", i)
-        gold = rm.get("ground_truth") if isinstance(rm, dict) else None
-        if isinstance(gold, bool) or not isinstance(gold, (str, int, float, np.integer, np.floating)):
-            raise bad("reward_model", i, "a dict with a str/int 'ground_truth'", rec["reward_model"])
-        if not isinstance(rec["data_source"], str):
-            raise bad("data_source", i, "str", rec["data_source"])
-        extra = decode(rec.get("extra_info"), "extra_info", i) or {}
-        if not isinstance(extra, dict):
-            raise bad("extra_info", i, "a dict", extra)
-        rows.append({"prompt": msgs[0]["content"], "gold": str(gold), "data_source": rec["data_source"],
-                     "extra_info": extra})
-    return rows
-
-
-# ---------------------------------------------------------------------------------------------
-# Evaluation
-# ---------------------------------------------------------------------------------------------
-EVAL_SETS = {  # name -> (hub id, split, question column, answer column)
-    "aime24": ("HuggingFaceH4/aime_2024", "train", "problem", "answer"),
-    "aime25": ("math-ai/aime25", "test", "problem", "answer"),
-    "amc23": ("math-ai/amc23", "test", "question", "answer"),
-    "math500": ("HuggingFaceH4/MATH-500", "test", "problem", "answer"),
-}
-INSTRUCTION = "\nPlease reason step by step, and put your final answer within \\boxed{}."  # as in the paper's files
-
-
-def load_problems(name: str, data_dir: str | None = None) -> list[dict]:
-    """[{prompt, gold}] of an evaluation set: from `{data_dir}/{name}.parquet` in the paper's
-    layout when given, else from the hub (with the paper's instruction appended)."""
-    if name not in EVAL_SETS:
-        raise ValueError(f"unknown evaluation set {name!r}: use one of {', '.join(EVAL_SETS)}")
-    if data_dir:
-        path = Path(data_dir) / f"{name}.parquet"
-        if not path.exists():
-            raise FileNotFoundError(f"{path} not found: --data-dir must hold {name}.parquet in the paper's layout")
-        return read_paper_parquet(path)
-    hub_id, split, q, a = EVAL_SETS[name]
-    rows = load_hub_dataset(hub_id, split)
-    return [{"prompt": r[q] + INSTRUCTION, "gold": str(r[a])} for r in rows]
-
-
-def load_hub_dataset(hub_id: str, split: str):
-    """datasets.load_dataset, failing at once (SetupError naming the local-file options) when the
-    hub cannot be reached, instead of after the hub client's retries."""
-    offline = hub_offline() or os.environ.get("HF_DATASETS_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
-    why = None if offline else hub_unreachable(hub_id, "dataset")
-    if why:
-        raise SetupError(offline_message(hub_id, "dataset", why))
-    try:
-        import datasets
-
-        return datasets.load_dataset(hub_id, split=split)
-    except Exception as e:  # offline machines raise ConnectionError, OSError or DatasetNotFoundError
-        raise SetupError(offline_message(hub_id, "dataset", e)) from None
-
-
-DAPO_HUB_ID = "BytedTsinghua-SIA/DAPO-Math-17k"
-_DAPO_HEAD = ("Solve the following math problem step by step. The last line of your response should be of the form "
-              "Answer: $Answer (without quotes) where $Answer is the answer to the problem.\n\n")
-_DAPO_TAIL = '\n\nRemember to put your answer on its own line after "Answer:".'
-
-
-def load_train_problems(train_file: str | None = None) -> list[dict]:
-    """Training questions [{prompt, gold}]. A local parquet in the paper's layout is read as is
-    (a repeated row stays: it is its own group); the hub's DAPO-Math-17k repeats each problem
-    ~100 times, so it is de-duplicated and re-worded with the paper's instruction."""
-    if train_file:
-        if not Path(train_file).exists():
-            raise FileNotFoundError(f"--train-file {train_file} does not exist")
-        return read_paper_parquet(train_file)
-    rows = load_hub_dataset(DAPO_HUB_ID, "train")
-    out, seen = [], set()
-    for r in rows:
-        q = r["prompt"][0]["content"].removeprefix(_DAPO_HEAD).removesuffix(_DAPO_TAIL).strip()
-        if q not in seen:
-            seen.add(q)
-            out.append({"prompt": q + INSTRUCTION, "gold": str(r["reward_model"]["ground_truth"])})
-    return out
-
-
 def response_metrics(texts: list[str], n_tokens: list[int], finish_reasons: list[str], tokenizer=None,
                      think_in_prompt: bool = False) -> dict:
     """Length, truncation and epistemic counts (paper mode per word, word mode total), as means
@@ -1131,13 +250,14 @@ def response_metrics(texts: list[str], n_tokens: list[int], finish_reasons: list
 
 
 def evaluate(generator, tokenizer, preset: dict, problems: list[dict], k: int, temperature: float, top_p: float,
-             max_tokens: int, seed: int = 0, grader_timeout_s: float = 5.0) -> tuple[dict, list[dict]]:
-    """avg@k, pass@k, lengths, truncation and epistemic counts on one problem set -> (metrics, samples)."""
+             max_tokens: int, seed: int = 0, grade=None, grader_timeout_s: float = 5.0) -> tuple[dict, list[dict]]:
+    """avg@k, pass@k, lengths, truncation and epistemic counts on one problem set, graded by the
+    world's `grade` -> (metrics, samples)."""
     prompts = [prompt_ids(tokenizer, p["prompt"], preset["thinking"]) for p in problems]
     samples = generator.generate(prompts, n=k, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
     flat = [s for group in samples for s in group]
     golds = [p["gold"] for p in problems for _ in range(k)]
-    report = grade_responses([s.text for s in flat], golds, preset, timeout_s=grader_timeout_s)
+    report = grade([s.text for s in flat], golds, preset["think_in_prompt"], timeout_s=grader_timeout_s)
     correct = np.array(report.correct).reshape(len(problems), k)  # (P, k)
     metrics = {f"avg@{k}": avg_at_k(correct), **({f"pass@{k}": mean_pass_at_k(correct, k)} if k > 1 else {}),  # pass@1 = avg@1
                **response_metrics([s.text for s in flat], [len(s.token_ids) for s in flat],
@@ -1146,17 +266,6 @@ def evaluate(generator, tokenizer, preset: dict, problems: list[dict], k: int, t
     rows = [{"problem": i // k, "gold": g, "response": s.text, "correct": bool(c), "finish_reason": s.finish_reason}
             for i, (s, g, c) in enumerate(zip(flat, golds, report.correct))]
     return metrics, rows
-
-
-def grade_responses(responses: list[str], golds: list[str], preset: dict, timeout_s: float = 5.0) -> GradeReport:
-    """The one grader of a world, for training reward and evaluation alike: math-verify in worker
-    processes for math models, the (pure, instant) toy verifier in-process for the toy world."""
-    if preset["world"] == "toy":
-        import toy_world
-
-        return GradeReport(correct=[toy_world.verify(r, g) for r, g in zip(responses, golds)],
-                           timeouts=0, errors=0, timed_out=[], errored=[])
-    return grade(responses, golds, think_in_prompt=preset["think_in_prompt"], timeout_s=timeout_s)
 
 
 def batch_indices(n_problems: int, batch: int, step: int, seed: int) -> list[int]:
@@ -1168,20 +277,6 @@ def batch_indices(n_problems: int, batch: int, step: int, seed: int) -> list[int
         if epoch not in orders:
             orders[epoch] = random.Random(f"{seed}-{epoch}").sample(range(n_problems), n_problems)
     return [orders[pos // n_problems][pos % n_problems] for pos in range(start, start + batch)]
-
-
-def lm_step(model, opt, pairs: list[tuple[list[int], list[int]]], pad_id: int, grad_clip: float = 1.0) -> float:
-    """One optimizer step of supervised next-token learning on [(prompt ids, response ids)]:
-    cross-entropy on the response tokens only, averaged over all response tokens of the batch
-    (pretraining of the toy model and the SFT of exp01)."""
-    device = next(model.parameters()).device
-    ids, mask, labels = (t.to(device) for t in pack_sequences(pairs, pad_id))  # (B, T) each
-    loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    opt.step()
-    return loss.item()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1309,35 +404,6 @@ def log_metrics(run: Path, step: int, metrics: dict) -> None:
         os.fsync(f.fileno())
 
 
-def save_checkpoint(run: Path, step: int, state: dict, keep: int = 1) -> None:
-    """torch.save(state) into checkpoints/step_XXXXXX/ through a temporary directory and a rename
-    (atomic); only the newest `keep` checkpoints stay (the release keeps all, ~100 GB each at 8B)."""
-    root = Path(run) / "checkpoints"
-    tmp, final = root / f".tmp_step_{step:06d}", root / f"step_{step:06d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    torch.save({"step": step, **state}, tmp / "state.pt")
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    for old in sorted(root.glob("step_*"))[:-keep]:
-        shutil.rmtree(old)
-
-
-def load_checkpoint(run: Path) -> tuple[int, dict]:
-    """(step, state) of the newest checkpoint; metrics.jsonl is cut back to that step so that the
-    continued run appends exactly the steps that follow. A run that stopped before its first
-    checkpoint has nothing to continue: (0, {}) with its metrics cleared, and it starts again."""
-    found = sorted((Path(run) / "checkpoints").glob("step_*"))
-    if not found:
-        print(f"--resume: {run} has no checkpoint yet; starting it again from step 0", flush=True)
-        Path(run, "metrics.jsonl").unlink(missing_ok=True)
-        return 0, {}
-    state = torch.load(found[-1] / "state.pt", weights_only=False)
-    rows = [r for r in read_metrics(run) if r["step"] <= state["step"]]
-    write_json_atomic(Path(run) / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-    return state["step"], state
-
-
 def write_samples(run: Path, name: str, rows: list[dict]) -> None:
     write_json_atomic(Path(run) / "samples" / f"{name}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
 
@@ -1349,53 +415,6 @@ def finish_run(run: Path, final: dict) -> None:
 # ---------------------------------------------------------------------------------------------
 # Settings: one flat dataclass per script; each field's docstring is its --help
 # ---------------------------------------------------------------------------------------------
-def field_docs(cls) -> dict[str, str]:
-    """The string literal written under each dataclass field (read from the source), base classes
-    first so that a sweep's settings (a subclass of its trainer's) can redefine a field."""
-    docs = {}
-    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
-        body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
-        docs.update({a.target.id: b.value.value.strip() for a, b in zip(body, body[1:])
-                     if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)})
-    return docs
-
-
-def parse_settings(cls, argv: list[str] | None = None):
-    """argparse from a flat dataclass: `--field-name value`, bools as --flag/--no-flag,
-    `T | None` fields accept `none`. No prefix matching (`--step` is not `--steps`); a bad or
-    unknown flag ends with one line naming the closest real flag (exit 2), not a usage dump."""
-    import argparse
-    import difflib
-
-    class Parser(argparse.ArgumentParser):
-        def error(self, message):
-            flags = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
-            bad = re.search(r"unrecognized arguments: (\S+)", message)
-            if bad:
-                close = difflib.get_close_matches(bad.group(1).split("=")[0], flags, n=1, cutoff=0.6)
-                message = f"unknown flag {bad.group(1)}" + (f"; did you mean {close[0]}?" if close else "")
-            print(f"error: {message} (see --help)", file=sys.stderr)
-            raise SystemExit(2)
-
-    parser = Parser(description=(sys.modules[cls.__module__].__doc__ or "").split("\n")[0],
-                    allow_abbrev=False)
-    docs = field_docs(cls)
-    for f in dataclasses.fields(cls):
-        kind = (f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))).replace(" ", "")
-        base = {"int": int, "float": float, "str": str, "bool": bool}[kind.split("|")[0]]
-        flag, doc = "--" + f.name.replace("_", "-"), f"{docs.get(f.name, '')} (default: {f.default})".replace("%", "%%")
-        if base is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=doc)
-        else:
-            conv = base
-            if "None" in kind:
-                def conv(v, base=base):
-                    return None if v.lower() == "none" else base(v)
-                conv.__name__ = base.__name__  # argparse names the type in its "invalid value" error
-            parser.add_argument(flag, type=conv, default=f.default, help=doc)
-    return cls(**vars(parser.parse_args(argv)))
-
-
 def stat(values) -> dict | None:
     """{"mean", "std" (population), "n"} over seeds; missing values (None, NaN) left out; None if none."""
     values = [float(v) for v in values if v is not None and v == v]
@@ -1411,50 +430,26 @@ def fmt_stat(st: dict | None, digits: int = 3) -> str:
     return f"{st['mean']:.{digits}f}" + (f" ± {st['std']:.{digits}f}" if st["n"] > 1 else "")
 
 
-# The compact table printed at the end of a run (all metrics go to summary.json): per world, column
-# -> (metric key prefixes averaged per seed, digits). Held-out and OOD accuracy, doubt words and
-# length per response on the reference set.
-HEADLINE = {
-    "toy": {"held-out acc": (["eval/in_domain/avg@"], 3),
-            "OOD acc": (["eval/ood_d4/avg@", "eval/ood_d5/avg@", "eval/ood_l5/avg@"], 3),
-            "doubt words": (["eval/in_domain/epistemic/total"], 2),
-            "length": (["eval/in_domain/response_length"], 1)},
-    "math": {"AIME24 avg@k": (["eval/aime24/avg@"], 3), "AMC23 avg@k": (["eval/amc23/avg@"], 3),
-             "doubt words": (["eval/aime24/epistemic/total"], 2),
-             "length": (["eval/aime24/response_length"], 1)},
-}
-HEADLINE_NOTE = {
-    "toy": "held-out acc = in_domain avg@1; OOD acc = mean avg@1 of ood_d4, ood_d5, ood_l5; "
-           "doubt words (epistemic count) and length (tokens) per response on in_domain",
-    "math": "avg@k on AIME24 and AMC23; doubt words (epistemic count) and length (tokens) per "
-            "response on AIME24",
-}
-
-
-def world_of_metrics(metrics: dict) -> str:
-    return "toy" if any(k.startswith(("eval/in_domain/", "in_domain/")) for k in metrics) else "math"
-
-
-def headline(metrics: dict, prefix: str = "eval/") -> dict[str, float | None]:
-    """The compact table's values of one run's flat metrics (keys under `prefix`)."""
-    m = {"eval/" + k[len(prefix):]: v for k, v in metrics.items() if k.startswith(prefix)}
+def headline(metrics: dict, columns: dict) -> dict[str, float | None]:
+    """The compact table's values of one run's flat metrics: per column (a world's HEADLINE), the
+    mean of the metrics whose keys start with its prefixes."""
     out = {}
-    for col, (keys, _) in HEADLINE[world_of_metrics(m)].items():
-        vals = [next((v for k, v in m.items() if k.startswith(p) and "pass@" not in k), None) for p in keys]
+    for col, (prefixes, _) in columns.items():
+        vals = [next((v for k, v in metrics.items() if k.startswith(p) and "pass@" not in k), None) for p in prefixes]
         out[col] = None if None in vals else float(np.mean(vals))
     return out
 
 
-def compact_table(rows: list[tuple[str, list[dict]]], first: str = "arm") -> str:
-    """A markdown table that fits 100 columns: one row per (label, flat metrics of each seed)."""
-    world = world_of_metrics(rows[0][1][0]) if rows and rows[0][1] else "toy"
+def compact_table(rows: list[tuple[str, list[dict]]], world, first: str = "arm") -> str:
+    """A markdown table that fits 100 columns: one row per (label, flat metrics of each seed), the
+    world's HEADLINE columns as mean ± std over seeds, and its note."""
     table = []
     for label, runs in rows:
-        values = [headline(r) for r in runs]
+        values = [headline(r, world.HEADLINE) for r in runs]
         table.append({first: label, "seeds": len(runs),
                       **{col: fmt_stat(stat([v[col] for v in values]), digits)
-                         for col, (_, digits) in HEADLINE[world].items()}})
-    return format_table(table) + "\n" + textwrap.fill(HEADLINE_NOTE[world], 99)
+                         for col, (_, digits) in world.HEADLINE.items()}})
+    return format_table(table) + "\n" + textwrap.fill(world.HEADLINE_NOTE, 99)
 
 
 def format_table(rows: list[dict]) -> str:

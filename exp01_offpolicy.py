@@ -1,5 +1,5 @@
 """exp01 — context richness (claim C1, paper Table 1) and off-policy self-distillation by SFT
-(claim C2, paper Table 2); PAPER.md §3–4.
+(claim C2, paper Table 2); docs/PROTOCOL.md §3–4.
 
 C1: given one of its own correct solutions in the prompt, the model answers correctly far more
 often, with much shorter responses and almost no epistemic words.
@@ -37,9 +37,9 @@ Where we depart from the paper and its release (also in the README):
  6. Resume is per stage: selection, each context, each SFT student and each evaluation are saved in
     the run directory as they finish, and `--resume` skips what is there.
 """
-from __future__ import annotations
 
 import copy
+import importlib
 import json
 import random
 from dataclasses import asdict, dataclass, replace
@@ -50,71 +50,55 @@ import numpy as np
 import torch
 
 import common
+from infra.loss_head import lm_step
+from infra.rollout import Sample, make_generator
+from infra.settings import Interrupted, arg, cli, parse_settings, progress, world_defaults
 
 
 @dataclass
 class Settings:
-    model: str = "toy"
-    """model preset (see common.PRESETS), local directory or hub id"""
-    seed: int = 0
-    """seed of the run (question order, sampling, SFT order)"""
-    seeds: str = ""
-    """comma-separated seeds to run one after another (overrides --seed), e.g. 0,1,2"""
-    out_dir: str = "runs/{model}/exp01"
-    """output directory ({model} = the --model name); each seed writes <out_dir>/seed<k>/"""
-    overwrite: bool = False
-    """allow replacing a finished run directory"""
-    resume: bool = False
-    """continue an unfinished run directory, skipping the stages it already holds"""
-    samples: int = 8
-    """responses per question and context (paper: 8)"""
-    band_low: int = 1
-    """keep questions with at least this many correct unguided samples (paper: 1)"""
-    band_high: int | None = None
-    """... and at most this many (None: math 4 as in the paper, toy 8)"""
-    max_questions: int = 100
-    """stop selecting at this many questions (paper: 100)"""
-    max_candidates: int | None = None
-    """questions tried before giving up (None: toy 400, math 3000)"""
-    temperature: float = 0.6
-    """sampling temperature of section 3 (paper: 0.6)"""
-    top_p: float = 0.95
-    """sampling top-p of section 3 (paper: 0.95)"""
-    max_new_tokens: int | None = None
-    """max response tokens when sampling (None: the preset's; math 38912, toy 64)"""
-    sft_epochs: float | None = None
-    """SFT length in epochs of D_ug; D_sg gets the same number of steps (None: toy 10, math 3)"""
-    sft_batch_size: int = 16
-    """SFT sequences per optimizer step"""
-    sft_lr: float | None = None
-    """SFT learning rate (None: toy 2e-4, math 1e-5)"""
-    sft_warmup: int = 5
-    """SFT linear warm-up steps, starting at lr/sft_warmup"""
-    eval_n: int = 200
-    """toy world: held-out graphs per evaluation cell"""
-    eval_k: int = 16
-    """math world: samples per problem (avg@k, pass@k); the toy world is greedy, k = 1"""
-    eval_sets: str = "aime24,aime25,amc23,math500"
-    """math world: evaluation sets"""
-    budget_forcing: bool | None = None
-    """also evaluate with the first </think> replaced by wait (None: toy yes, math no)"""
-    train_file: str | None = None
-    """math: local training parquet in the paper's layout (default: DAPO-Math-17k from the hub)"""
-    data_dir: str | None = None
-    """math: directory with the evaluation parquet files in the paper's layout (default: the hub)"""
-    backend: str = "auto"
-    """generation backend: auto | hf | vllm"""
-    device: str | None = None
-    """cpu | cuda (None: cuda when available)"""
-    threads: int = 2
-    """torch CPU threads"""
+    model: str = arg("toy", "model preset (see common.PRESETS), local directory or hub id")
+    seed: int = arg(0, "seed of the run (question order, sampling, SFT order)")
+    seeds: str = arg("", "comma-separated seeds to run one after another (overrides --seed), e.g. "
+                     "0,1,2")
+    out_dir: str = arg("runs/{model}/exp01", "output directory ({model} = the --model name); each "
+                       "seed writes <out_dir>/seed<k>/")
+    overwrite: bool = arg(False, "allow replacing a finished run directory")
+    resume: bool = arg(False, "continue an unfinished run directory, skipping the stages it "
+                       "already holds")
+    samples: int = arg(8, "responses per question and context (paper: 8)")
+    band_low: int = arg(1, "keep questions with at least this many correct unguided samples "
+                        "(paper: 1)")
+    band_high: int | None = arg(None, "... and at most this many (paper: 4)", toy=8, math=4)
+    max_questions: int = arg(100, "stop selecting at this many questions (paper: 100)")
+    max_candidates: int | None = arg(None, "questions tried before giving up", toy=400, math=3000)
+    temperature: float = arg(0.6, "sampling temperature of section 3 (paper: 0.6)")
+    top_p: float = arg(0.95, "sampling top-p of section 3 (paper: 0.95)")
+    max_new_tokens: int | None = arg(None, "max response tokens when sampling (default: the model "
+                                           "preset's: toy 64, math presets 38912)")
+    sft_epochs: float | None = arg(None, "SFT length in epochs of D_ug; D_sg gets as many steps",
+                                   toy=10, math=3)
+    sft_batch_size: int = arg(16, "SFT sequences per optimizer step")
+    sft_lr: float | None = arg(None, "SFT learning rate", toy=2e-4, math=1e-5)
+    sft_warmup: int = arg(5, "SFT linear warm-up steps, starting at lr/sft_warmup")
+    eval_n: int = arg(200, "toy world: held-out graphs per evaluation cell")
+    eval_k: int = arg(16, "math world: samples per problem (avg@k, pass@k); the toy world is "
+                      "greedy, k = 1")
+    eval_sets: str = arg("aime24,aime25,amc23,math500", "math world: evaluation sets")
+    budget_forcing: bool | None = arg(None, "also evaluate with the first </think> replaced by "
+                                      "wait", toy=True, math=False)
+    train_file: str | None = arg(None, "math: local training parquet in the paper's layout "
+                                 "(default: DAPO-Math-17k from the hub)")
+    data_dir: str | None = arg(None, "math: directory with the evaluation parquet files in the "
+                               "paper's layout (default: the hub)")
+    backend: str = arg("auto", "generation backend: auto | hf | vllm")
+    device: str | None = arg(None, "cpu | cuda (default: cuda when available)")
+    threads: int = arg(2, "torch CPU threads")
 
     # How a sweep is launched, not what one run computes: --resume ignores a change in these.
     SWEEP_ONLY: ClassVar[tuple] = ("seeds", "resume", "overwrite", "out_dir")
 
 
-WORLD_DEFAULTS = {"toy": dict(band_high=8, max_candidates=400, sft_epochs=10, sft_lr=2e-4, budget_forcing=True),
-                  "math": dict(band_high=4, max_candidates=3000, sft_epochs=3, sft_lr=1e-5, budget_forcing=False)}
 CONTEXTS = ("none", "s", "s_nothink", "regenerated")
 
 
@@ -155,7 +139,7 @@ class BudgetForcing:
         for (g, j, prefix), [cont] in zip(todo, more):
             ids = (prefix + cont.token_ids)[:max_tokens]
             stop = cont.finish_reason == "stop" and len(prefix) + len(cont.token_ids) <= max_tokens
-            groups[g][j] = common.Sample(ids, self.tokenizer.decode(ids, skip_special_tokens=True),
+            groups[g][j] = Sample(ids, self.tokenizer.decode(ids, skip_special_tokens=True),
                                          "stop" if stop else "length")
         return groups
 
@@ -173,24 +157,25 @@ def stage(run: Path, name: str, fn):
     return out
 
 
-def sample_and_grade(generator, tokenizer, preset, messages: list[str], golds: list[str], s: Settings, seed: int):
+def sample_and_grade(world, generator, tokenizer, preset, messages: list[str], golds: list[str], s: Settings, seed: int):
     """`samples` responses per message -> [{"ids", "text", "finish", "correct"}] per message."""
     prompts = [common.prompt_ids(tokenizer, m, preset["thinking"]) for m in messages]
     groups = generator.generate(prompts, n=s.samples, temperature=s.temperature, top_p=s.top_p,
                                 max_tokens=s.max_new_tokens, seed=seed)
     flat = [x for g in groups for x in g]
-    report = common.grade_responses([x.text for x in flat], [g for g in golds for _ in range(s.samples)], preset)
+    report = world.grade([x.text for x in flat], [g for g in golds for _ in range(s.samples)],
+                         preset["think_in_prompt"])
     rows = [{"ids": x.token_ids, "text": x.text, "finish": x.finish_reason, "correct": c}
             for x, c in zip(flat, report.correct)]
     return [rows[i * s.samples:(i + 1) * s.samples] for i in range(len(messages))], report
 
 
-def select_questions(generator, tokenizer, preset, pool: list[dict], s: Settings) -> dict:
+def select_questions(world, generator, tokenizer, preset, pool: list[dict], s: Settings) -> dict:
     """Section 3, step 1: questions whose unguided samples have band_low..band_high correct."""
     kept, tried, timeouts, chunk = [], 0, 0, 64
     for start in range(0, min(len(pool), s.max_candidates), chunk):
         batch = pool[start:min(start + chunk, s.max_candidates)]
-        groups, report = sample_and_grade(generator, tokenizer, preset, [p["prompt"] for p in batch],
+        groups, report = sample_and_grade(world, generator, tokenizer, preset, [p["prompt"] for p in batch],
                                           [p["gold"] for p in batch], s, seed=s.seed * 7919 + start)
         tried, timeouts = tried + len(batch), timeouts + report.timeouts + report.errors
         kept += [dict(p, none=g) for p, g in zip(batch, groups)
@@ -223,7 +208,7 @@ def sft(base, tokenizer, data: list[tuple[list[int], list[int]]], steps: int, s:
     losses, tokens = [], 0
     for step in range(1, steps + 1):
         batch = [data[i] for i in common.batch_indices(len(data), s.sft_batch_size, step, s.seed)]
-        losses.append(common.lm_step(model, opt, batch, tokenizer.pad_token_id))
+        losses.append(lm_step(model, opt, batch, tokenizer.pad_token_id))
         tokens += sum(len(r) for _, r in batch)
         sched.step()
     return model.eval(), losses, tokens
@@ -244,28 +229,19 @@ def student(run: Path, name: str, base, tokenizer, data, steps: int, s: Settings
     return common.load_model(str(path), device=device)[0], json.loads((path / "sft.json").read_text())
 
 
-def eval_sets(s: Settings, preset: dict) -> dict[str, list[dict]]:
-    """toy: held-out graphs of every evaluation cell; math: the benchmark sets (loaded before any
-    sampling, so a missing dataset fails at once)."""
-    if preset["world"] == "toy":
-        import toy_world
-
-        return {c: toy_world.cell_problems(c, s.eval_n) for c in toy_world.EVAL_CELLS}
-    return {name: common.load_problems(name, s.data_dir) for name in s.eval_sets.split(",")}
-
-
-def evaluate_model(generator, tokenizer, preset, sets: dict, s: Settings) -> tuple[dict, dict]:
-    """Flat metrics `eval/<set>/<metric>` (+ `eval_forced/<set>/<metric>` with budget forcing) and samples."""
-    k, temp, top_p = (1, 0.0, 1.0) if preset["world"] == "toy" else (s.eval_k, preset["temperature"], preset["top_p"])
-    word = "wait" if preset["world"] == "toy" else "Wait"
-    variants = [("eval", generator)] + ([("eval_forced", BudgetForcing(generator, tokenizer, word))]
+def evaluate_model(world, generator, tokenizer, preset, sets: dict, s: Settings) -> tuple[dict, dict]:
+    """Flat metrics `eval/<set>/<metric>` (+ `eval_forced/<set>/<metric>` with budget forcing)
+    and samples, with the world's evaluation sampling."""
+    k, temp, top_p, max_tokens = world.eval_sampling(preset, s.eval_k, preset["max_new_tokens"])
+    variants = [("eval", generator)] + ([("eval_forced", BudgetForcing(generator, tokenizer, world.FORCING_WORD))]
                                         if s.budget_forcing else [])
     metrics, samples = {}, {}
     for prefix, gen in variants:
         for name, problems in sets.items():
             if prefix == "eval_forced" and name == "train_graphs":
                 continue
-            m, rows = common.evaluate(gen, tokenizer, preset, problems, k, temp, top_p, preset["max_new_tokens"], s.seed)
+            m, rows = common.evaluate(gen, tokenizer, preset, problems, k, temp, top_p, max_tokens, s.seed,
+                                      grade=world.grade)
             metrics.update({f"{prefix}/{name}/{key}": v for key, v in m.items()})
             samples[f"{prefix}_{name}"] = rows[:50]
     return metrics, samples
@@ -274,33 +250,47 @@ def evaluate_model(generator, tokenizer, preset, sets: dict, s: Settings) -> tup
 # ---------------------------------------------------------------------------------------------
 # One seed
 # ---------------------------------------------------------------------------------------------
-def resolve(s: Settings, preset: dict) -> Settings:
-    s = replace(s, **{k: v for k, v in WORLD_DEFAULTS[preset["world"]].items() if getattr(s, k) is None},
-                max_new_tokens=s.max_new_tokens or preset["max_new_tokens"])
+def resolve(s: Settings, world, preset: dict) -> Settings:
+    """Unset flags from the world's defaults; flags, backend and data files checked."""
+    s = world_defaults(s, world.NAME)
+    s = replace(s, max_new_tokens=s.max_new_tokens or preset["max_new_tokens"])
     if not 0 <= s.band_low <= s.band_high <= s.samples:
-        raise ValueError(f"--band-low {s.band_low} / --band-high {s.band_high}: need 0 <= low <= high <= --samples")
+        raise ValueError(f"--band-low {s.band_low} / --band-high {s.band_high}: need 0 <= low <= high "
+                         "<= --samples")
     if min(s.samples, s.max_questions, s.max_candidates, s.sft_batch_size, s.sft_warmup) < 1 or s.sft_epochs <= 0:
         raise ValueError("--samples, --max-questions, --max-candidates, --sft-batch-size, --sft-warmup and "
                          "--sft-epochs must be positive")
     if s.backend not in ("auto", "hf", "vllm"):
         raise ValueError(f"--backend {s.backend!r}: use auto, hf or vllm")
     if s.backend == "vllm":
-        common.check_vllm(live=False)
-    if preset["world"] == "math":
-        if s.train_file and not Path(s.train_file).exists():
-            raise FileNotFoundError(f"--train-file {s.train_file} does not exist")
-        for name in s.eval_sets.split(",") if s.data_dir else ():
-            if not (Path(s.data_dir) / f"{name}.parquet").exists():
-                raise FileNotFoundError(f"{Path(s.data_dir) / name}.parquet not found: --data-dir must hold "
-                                        f"{s.eval_sets} parquet files in the paper's layout")
+        from infra.rollout import check_vllm
+
+        check_vllm(live=False)
+    world.check_files(s.train_file, s.data_dir, s.eval_sets.split(","))
     return s
+
+
+def pick_world(model: str):
+    """The world module a model lives in (toy_world or math_world), chosen once per run."""
+    return importlib.import_module(f"{common.resolve_preset(model)['world']}_world")
 
 
 def plan_seed(s: Settings) -> tuple[Settings, str]:
     """Every check that can fail, before anything is loaded: flags, backend, data files and the
     run directory (-> "new", "continue" or "finished")."""
-    s = resolve(s, common.resolve_preset(s.model))
+    s = resolve(s, pick_world(s.model), common.resolve_preset(s.model))
     return s, common.check_run(Path(s.out_dir) / f"seed{s.seed}", s, s.overwrite, s.resume, Settings.SWEEP_ONLY)
+
+
+def sft_sets(questions: list[dict], groups: dict, tokenizer, preset: dict) -> dict[str, list]:
+    """Section 4's two SFT sets, (prompt ids, response ids) without any hint in the prompt:
+    D_ug = each question's first correct unguided response (context none), D_sg = its first
+    correct solution-guided response (context s: the peer solution with its thinking)."""
+    def firsts(gs):
+        pairs = [(q, next((r for r in g or [] if r["correct"]), None)) for q, g in zip(questions, gs)]
+        return [(common.prompt_ids(tokenizer, q["prompt"], preset["thinking"]), r["ids"]) for q, r in pairs if r]
+
+    return {"D_ug": firsts(groups["none"]), "D_sg": firsts(groups["s"])}
 
 
 def first_correct_text(group: list[dict] | None) -> str | None:
@@ -315,32 +305,27 @@ def run_seed(s: Settings) -> dict:
     torch.set_flush_denormal(True)  # denormal floats make CPU matmuls ~100x slower
     common.set_seed(s.seed)
     device = s.device or common.default_device()
-    preset = common.resolve_preset(s.model)
-    sets = eval_sets(s, preset)  # data before the model: a bad file fails before gigabytes load
-    if preset["world"] == "toy":
-        import toy_world
-
-        pool = toy_world.cell_problems(toy_world.SLICE, s.max_candidates, split="train")
-    else:
-        pool = common.load_train_problems(s.train_file)
+    world = pick_world(s.model)  # data before the model: a bad file fails before gigabytes load
+    sets = world.evaluation_sets(s.eval_n, s.eval_sets.split(","), s.data_dir)
+    pool = world.training_problems(s.max_candidates, s.train_file)
     pool = random.Random(s.seed).sample(pool, len(pool))
     base, tokenizer, preset = common.load_model(s.model, device=device)
     run = common.start_run(Path(s.out_dir) / f"seed{s.seed}", s, overwrite=s.overwrite, resume=s.resume,
                            sweep_only=Settings.SWEEP_ONLY)
     if state == "continue":
-        print(f"{run}: resumed, {common.progress(run)} (skipped)", flush=True)
+        print(f"{run}: resumed, {progress(run)} (skipped)", flush=True)
     try:
-        return _run_seed(s, run, base, tokenizer, preset, sets, pool, device)
+        return _run_seed(s, world, run, base, tokenizer, preset, sets, pool, device)
     except KeyboardInterrupt:
-        raise common.Interrupted(run) from None
+        raise Interrupted(run) from None
 
 
-def _run_seed(s: Settings, run: Path, base, tokenizer, preset, sets, pool, device) -> dict:
-    generator = common.make_generator(base, tokenizer, s.backend, model_path=preset["hub_id"], seed=s.seed)
+def _run_seed(s: Settings, world, run: Path, base, tokenizer, preset, sets, pool, device) -> dict:
+    generator = make_generator(base, tokenizer, s.backend, model_path=preset["hub_id"], seed=s.seed)
 
     # Section 3: selection, then each teacher context (paper Table 1). groups[c][i]: the samples of
     # question i under context c, or None when c has no solution to show for it.
-    sel = stage(run, "selection", lambda: select_questions(generator, tokenizer, preset, pool, s))
+    sel = stage(run, "selection", lambda: select_questions(world, generator, tokenizer, preset, pool, s))
     questions = sel["questions"]
     groups = {"none": [q["none"] for q in questions]}
     for c in CONTEXTS[1:]:
@@ -350,7 +335,7 @@ def _run_seed(s: Settings, run: Path, base, tokenizer, preset, sets, pool, devic
         idx = [i for i, m in enumerate(msgs) if m is not None]
 
         def sample_context(msgs=msgs, idx=idx, c=c):
-            out, _ = sample_and_grade(generator, tokenizer, preset, [msgs[i] for i in idx],
+            out, _ = sample_and_grade(world, generator, tokenizer, preset, [msgs[i] for i in idx],
                                       [questions[i]["gold"] for i in idx], s, seed=s.seed * 7919 + 1 + CONTEXTS.index(c))
             by_question = dict(zip(idx, out))
             return [by_question.get(i) for i in range(len(questions))]
@@ -361,14 +346,10 @@ def _run_seed(s: Settings, run: Path, base, tokenizer, preset, sets, pool, devic
                                            for c, gs in groups.items() for i, g in enumerate(gs[:20]) for r in g or []])
 
     # Section 4: the two SFT sets, the students and their evaluation (paper Table 2)
-    def sft_set(gs):
-        firsts = [(q, next((r for r in g or [] if r["correct"]), None)) for q, g in zip(questions, gs)]
-        return [(common.prompt_ids(tokenizer, q["prompt"], preset["thinking"]), r["ids"]) for q, r in firsts if r]
-
-    data = {"D_ug": sft_set(groups["none"]), "D_sg": sft_set(groups["s"])}
+    data = sft_sets(questions, groups, tokenizer, preset)
     steps = max(1, round(s.sft_epochs * len(data["D_ug"]) / s.sft_batch_size))
-    if preset["world"] == "toy":  # the graphs distilled on, asked without a hint
-        sets["train_graphs"] = [{"prompt": q["prompt"], "gold": q["gold"]} for q in questions]
+    if world.EVAL_SELECTED_AS:  # the toy world also evaluates the graphs distilled on, without a hint
+        sets[world.EVAL_SELECTED_AS] = [{"prompt": q["prompt"], "gold": q["gold"]} for q in questions]
     table2, losses = {}, {}
     for name in ("base", "D_ug", "D_sg"):
         model, info = base, {}
@@ -378,10 +359,10 @@ def _run_seed(s: Settings, run: Path, base, tokenizer, preset, sets, pool, devic
             model, info = student(run, name, base, tokenizer, data[name], steps, s, device)
             path = str(run / "students" / name)
             del generator  # one engine at a time (vLLM holds GPU memory)
-            generator = common.make_generator(model, tokenizer, s.backend, model_path=path, seed=s.seed)
+            generator = make_generator(model, tokenizer, s.backend, model_path=path, seed=s.seed)
 
         def evaluate(generator=generator, name=name):
-            m, samples = evaluate_model(generator, tokenizer, preset, sets, s)
+            m, samples = evaluate_model(world, generator, tokenizer, preset, sets, s)
             for key, rows in samples.items():
                 common.write_samples(run, f"{name}_{key}", rows)
             return m
@@ -392,7 +373,7 @@ def _run_seed(s: Settings, run: Path, base, tokenizer, preset, sets, pool, devic
     common.write_json_atomic(run / "metrics.jsonl", "".join(  # one line per SFT step, both students
         json.dumps({"step": i + 1, **{f"sft/{n}/loss": l[i] for n, l in losses.items() if i < len(l)}}) + "\n"
         for i in range(steps)))
-    final = {"seed": s.seed, "model": s.model, "world": preset["world"], "settings": asdict(s),
+    final = {"seed": s.seed, "model": s.model, "world": world.NAME, "settings": asdict(s),
              "selection": {"questions": len(questions), "tried": sel["tried"], "band": [s.band_low, s.band_high],
                            "grader_failures": sel["grader_failures"]},
              "table1": table1, "table2": table2}
@@ -420,7 +401,7 @@ CONTEXT_LABELS = {"none": "unguided", "s": "c = s", "s_nothink": "c = s\\think",
 TABLE1 = {"accuracy": 3, "response_length": 1, "epistemic/total": 2, "epistemic/total_per_1k_tokens": 1}
 
 
-def print_summary(finals: list[dict], out_dir: str) -> None:
+def print_summary(finals: list[dict], out_dir: str, world) -> None:
     """Both tables in <= 100 columns; every metric in summary.json."""
     t1 = [{"context": CONTEXT_LABELS.get(c, c), "seeds": len(finals),
            **{k.replace("epistemic/total", "doubt words").replace("response_", ""):
@@ -430,12 +411,12 @@ def print_summary(finals: list[dict], out_dir: str) -> None:
           + common.format_table(t1))
     print("\nTable 2 - off-policy SFT on D_ug vs D_sg (section 4)\n"
           + common.compact_table([(name, [f["table2"][name] for f in finals]) for name in finals[0]["table2"]],
-                                 first="model"))
+                                 world, first="model"))
     print(f"every metric (mean, std, n over seeds): {out_dir}/summary.json")
 
 
 def main(argv=None) -> dict:
-    s = common.parse_settings(Settings, argv)
+    s = parse_settings(Settings, argv)
     s = replace(s, out_dir=common.default_out_dir(s.out_dir, s.model))
     seeds = [int(x) for x in s.seeds.split(",")] if s.seeds else [s.seed]
     for seed in seeds:  # every run directory checked before the first model loads
@@ -443,9 +424,9 @@ def main(argv=None) -> dict:
     finals = [run_seed(replace(s, seed=seed)) for seed in seeds]
     summary = summarize(finals)
     common.write_json_atomic(Path(s.out_dir) / "summary.json", summary)
-    print_summary(finals, s.out_dir)
+    print_summary(finals, s.out_dir, pick_world(s.model))
     return summary
 
 
 if __name__ == "__main__":
-    common.cli(main)
+    cli(main)

@@ -1,17 +1,17 @@
-"""exp02 — on-policy GRPO vs SDPO with c = s and c = s\\think (claim C3; PAPER.md §5–6).
+"""exp02 — on-policy GRPO vs SDPO with c = s and c = s\\think (claim C3; docs/PROTOCOL.md §5–6).
 
 Claim C3: on-policy self-distillation (SDPO) from a teacher that sees a successful peer solution
 suppresses epistemic tokens, shortens responses and lowers OOD accuracy, where GRPO keeps or
 improves it; removing the thinking from the demonstration (c = s\\think) weakens the suppression.
 
-Per step: B prompts x n rollouts (temperature 1.0), binary reward from the shared grader, then
-`mini_batches` optimizer steps on either `grpo_loss` or `sdpo_loss` (below, side by side).
+Per step: B prompts x n rollouts (temperature 1.0), binary reward from the world's grader, the
+teacher's context from a successful peer (SDPO), then `mini_batches` optimizer steps on either
+`grpo_loss` or `sdpo_loss` (below, side by side), the new weights pushed to the rollout engine.
 
   python exp02_onpolicy_grpo_sdpo.py                      # toy world: GRPO, SDPO c=s, SDPO c=s\\think
   python exp02_onpolicy_grpo_sdpo.py --seeds 0,1,2        # the README's table (mean ± std)
-  python exp02_onpolicy_grpo_sdpo.py --model qwen3-8b --method sdpo --teacher-context s
-  torchrun --nproc_per_node 8 exp02_onpolicy_grpo_sdpo.py --model qwen3-8b --backend vllm   # one 8-GPU node
-  python exp02_onpolicy_grpo_sdpo.py --model tiny-random --steps 2 ...   # smoke test
+  torchrun --nproc_per_node 8 exp02_onpolicy_grpo_sdpo.py --model qwen3-8b --method sdpo \
+      --backend vllm --micro-batch-size 1                 # the paper's setting, one 8-GPU node
 
 Where we depart from the release (also in the README):
  1. One verifier (math-verify in worker processes with a timeout) for reward and evaluation; the
@@ -23,20 +23,16 @@ Where we depart from the release (also in the README):
  5. Toy world: its own defaults (lr 2e-4 for every arm — one lr, not the paper's 10x gap between
     GRPO and SDPO —, 16 prompts per step, 60 steps, full-vocabulary divergence since the
     vocabulary has 79 tokens) and greedy evaluation on held-out and OOD cells.
- 6. Scale-up (README "Scaling up"): `torchrun` shards student and teacher with FSDP2 (fp32 master
-    weights, bf16 compute on CUDA, per-layer activation checkpointing in the math world), each
-    rank taking its share of every mini-batch; `--backend vllm` samples from a colocated vLLM
-    engine that sleeps during the update and receives the new weights after it (rollout
-    correction min(pi_old/pi_rollout, 2); `train/rollout_logprob_gap` logged). The 2-process CPU
-    (gloo) update equals the single-process one (tests/test_scale.py); every CUDA and vLLM path
-    is written but has not been run in this repository.
+ 6. Scale-up (README "Scaling up", code in infra/): `torchrun` shards student and teacher with
+    FSDP2, each rank taking its share of every mini-batch; `--backend vllm` samples from a
+    colocated vLLM engine that sleeps during the update and receives the new weights after it
+    (rollout correction min(pi_old/pi_rollout, 2); `train/rollout_logprob_gap` logged).
 """
-from __future__ import annotations
 
 import copy
+import importlib
 import json
 import math
-import random
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -44,109 +40,74 @@ from typing import ClassVar
 
 import numpy as np
 import torch
-import torch.utils.checkpoint
 
 import common
+from infra import checkpoints, parallel
+from infra.loss_head import pack_sequences, pad_rows, to_padded, token_stats
+from infra.rollout import Sample, make_generator
+from infra.settings import Interrupted, arg, cli, parse_settings, world_defaults
 
 
 @dataclass
 class Settings:
-    model: str = "toy"
-    """model preset (see common.PRESETS), local directory or hub id"""
-    method: str = "all"
-    """grpo | sdpo | all (all = GRPO, SDPO c=s and SDPO c=s\\think, compared in one table)"""
-    teacher_context: str = "s"
-    """SDPO demonstration: s (peer response with its thinking) | s_nothink (thinking removed)"""
-    seed: int = 0
-    """seed of the run (sampling, data order, initialisation of nothing: the model is loaded)"""
-    seeds: str = ""
-    """comma-separated seeds to run one after another (overrides --seed), e.g. 0,1,2"""
-    out_dir: str = "runs/{model}/exp02"
-    """run directory ({model} = the --model name); each arm and seed writes <out_dir>/<arm>/seed<k>/"""
-    overwrite: bool = False
-    """allow replacing a finished run directory"""
-    steps: int | None = None
-    """training steps (None: toy 60, math 100)"""
-    prompts_per_step: int | None = None
-    """B, prompts per step (None: toy 16, math 256)"""
-    rollouts: int = 8
-    """n, rollouts per prompt (a group)"""
-    mini_batches: int = 2
-    """optimizer steps per training step (the paper splits each batch in 2)"""
-    micro_batch_size: int | None = None
-    """sequences per forward pass, gradients accumulated over a mini-batch (None: toy 64, math 4)"""
-    lr: float | None = None
-    """learning rate (None: math 1e-6 GRPO / 1e-5 SDPO as in the paper; toy 2e-4 for every arm)"""
-    warmup_steps: int = 10
-    """linear warm-up over training steps, starting at lr/warmup_steps (not 0), then constant"""
-    weight_decay: float = 0.01
-    """AdamW weight decay (betas 0.9/0.999)"""
-    grad_clip: float = 1.0
-    """gradient-norm clip"""
-    temperature: float = 1.0
-    """rollout temperature"""
-    top_p: float = 1.0
-    """rollout top-p"""
-    max_new_tokens: int | None = None
-    """max response tokens (None: toy 64, math 20480)"""
-    clip_low: float = 0.2
-    """GRPO ratio clip below 1"""
-    clip_high: float = 0.28
-    """GRPO ratio clip above 1"""
-    dual_clip: float = 3.0
-    """GRPO dual clip for negative advantages"""
-    topk: int | None = None
-    """SDPO: student top-k ids (+ one tail bin); 0 = full vocabulary (None: math 100, toy 0)"""
-    alpha: float = 0.5
-    """SDPO generalized JSD weight: 0 = KL(teacher||student), 1 = KL(student||teacher)"""
-    is_clip: float = 2.0
-    """SDPO importance weight clip: min(pi_theta/pi_old, is_clip)"""
-    rollout_is_clip: float = 2.0
-    """rollout correction clip: min(pi_old/pi_rollout, ...) when the rollout engine is not the trainer"""
-    count_no_demo: bool = True
-    """SDPO: samples without a demonstration contribute 0 but count in the average (as the release)"""
-    ema_rate: float = 0.0
-    """teacher EMA rate tau: theta_T <- (1-tau) theta_T + tau theta_S after each step (0 = frozen initial)"""
-    logit_chunk: int = 2048
-    """response positions per chunk when computing log-probs and top-k (memory bound)"""
-    eval_every: int | None = None
-    """steps between evaluations (None: toy 20, math 10)"""
-    eval_k: int | None = None
-    """samples per problem in math evaluation, avg@k (None: 16; the toy world is greedy, k = 1)"""
-    eval_n: int = 200
-    """toy world: graphs per evaluation cell"""
-    train_file: str | None = None
-    """math: local training parquet in the paper's layout (default: DAPO-Math-17k from the hub)"""
-    data_dir: str | None = None
-    """math: directory with aime24/amc23 parquet files in the paper's layout (default: the hub)"""
-    backend: str = "hf"
-    """rollout backend: hf (transformers, any device) | vllm (CUDA: colocated engine, weights pushed after each update)"""
-    vllm_gpu_memory: float = 0.5
-    """vllm: share of GPU memory its weights and KV cache take while awake (it sleeps while the trainer works)"""
-    device: str | None = None
-    """cpu | cuda (None: cuda when available)"""
-    threads: int = 2
-    """torch CPU threads"""
-    checkpoint_every: int = 10
-    """steps between checkpoints (model, optimizer, scheduler, teacher, RNG); 0 = none"""
-    keep_checkpoints: int = 1
-    """newest checkpoints kept on disk"""
-    resume: bool = False
-    """continue the run in --out-dir from its newest checkpoint (a finished run with the same settings is reused)"""
+    model: str = arg("toy", "model preset (common.PRESETS), local directory or hub id")
+    method: str = arg("all", "grpo | sdpo | all (GRPO, SDPO c=s and SDPO c=s\\think in one table)")
+    teacher_context: str = arg("s", "SDPO demonstration: s (peer response with its thinking) | "
+                                    "s_nothink (thinking removed)")
+    seed: int = arg(0, "seed of the run (sampling, data order)")
+    seeds: str = arg("", "comma-separated seeds to run one after another (overrides --seed), e.g. 0,1,2")
+    out_dir: str = arg("runs/{model}/exp02", "run directory ({model} = the --model name); each arm "
+                                             "and seed writes <out_dir>/<arm>/seed<k>/")
+    overwrite: bool = arg(False, "allow replacing a finished run directory")
+    steps: int | None = arg(None, "training steps", toy=60, math=100)
+    prompts_per_step: int | None = arg(None, "B, prompts per step", toy=16, math=256)
+    rollouts: int = arg(8, "n, rollouts per prompt (a group)")
+    mini_batches: int = arg(2, "optimizer steps per training step (the paper splits each batch in 2)")
+    micro_batch_size: int | None = arg(None, "sequences per forward pass, gradients accumulated over "
+                                             "a mini-batch", toy=64, math=4)
+    lr: float | None = arg(None, "learning rate", toy=2e-4, math={"grpo": 1e-6, "sdpo": 1e-5})
+    warmup_steps: int = arg(10, "linear warm-up over training steps, from lr/warmup_steps (not 0)")
+    weight_decay: float = arg(0.01, "AdamW weight decay (betas 0.9/0.999)")
+    grad_clip: float = arg(1.0, "gradient-norm clip")
+    temperature: float = arg(1.0, "rollout temperature")
+    top_p: float = arg(1.0, "rollout top-p")
+    max_new_tokens: int | None = arg(None, "max response tokens", toy=64, math=20480)
+    clip_low: float = arg(0.2, "GRPO ratio clip below 1")
+    clip_high: float = arg(0.28, "GRPO ratio clip above 1")
+    dual_clip: float = arg(3.0, "GRPO dual clip for negative advantages")
+    topk: int | None = arg(None, "SDPO: student top-k ids (+ one tail bin); 0 = full vocabulary",
+                           toy=0, math=100)
+    alpha: float = arg(0.5, "SDPO generalized JSD weight: 0 = KL(teacher||student), 1 = KL(student||teacher)")
+    is_clip: float = arg(2.0, "SDPO importance weight clip: min(pi_theta/pi_old, is_clip)")
+    rollout_is_clip: float = arg(2.0, "rollout correction clip: min(pi_old/pi_rollout, ...) when the "
+                                      "rollout engine is not the trainer")
+    count_no_demo: bool = arg(True, "SDPO: samples without a demonstration count in the average")
+    ema_rate: float = arg(0.0, "teacher EMA rate tau (0 = the frozen initial teacher)")
+    logit_chunk: int = arg(2048, "response positions per chunk of the loss head (memory bound)")
+    eval_every: int | None = arg(None, "steps between evaluations", toy=20, math=10)
+    eval_k: int | None = arg(None, "samples per problem in evaluation, avg@k (toy: greedy)", toy=1, math=16)
+    eval_n: int = arg(200, "toy world: graphs per evaluation cell")
+    train_file: str | None = arg(None, "math: local training parquet in the paper's layout "
+                                       "(default: DAPO-Math-17k from the hub)")
+    data_dir: str | None = arg(None, "math: directory with aime24/amc23 parquet files in the paper's "
+                                     "layout (default: the hub)")
+    backend: str = arg("hf", "rollout backend: hf (transformers) | vllm (CUDA: colocated engine, "
+                             "weights pushed after each update)")
+    vllm_gpu_memory: float = arg(0.5, "vllm: share of GPU memory its weights and KV cache take awake")
+    device: str | None = arg(None, "cpu | cuda (default: cuda when available)")
+    threads: int = arg(2, "torch CPU threads")
+    checkpoint_every: int = arg(10, "steps between checkpoints (model, optimizer, scheduler, teacher, "
+                                    "RNG); 0 = none")
+    keep_checkpoints: int = arg(1, "newest checkpoints kept on disk")
+    resume: bool = arg(False, "continue the run in --out-dir from its newest checkpoint (a finished "
+                              "run with the same settings is reused)")
 
     # How a sweep is launched, not what one run computes: --resume ignores a change in these.
     SWEEP_ONLY: ClassVar[tuple] = ("seeds", "resume", "overwrite", "out_dir")
 
 
-WORLD_DEFAULTS = {
-    "toy": dict(steps=60, prompts_per_step=16, max_new_tokens=64, topk=0, eval_every=20, eval_k=1, micro_batch_size=64),
-    "math": dict(steps=100, prompts_per_step=256, max_new_tokens=20480, topk=100, eval_every=10, eval_k=16,
-                 micro_batch_size=4),
-}
-LR = {("toy", "grpo"): 2e-4, ("toy", "sdpo"): 2e-4, ("math", "grpo"): 1e-6, ("math", "sdpo"): 1e-5}
 ARMS = [("grpo", "s"), ("sdpo", "s"), ("sdpo", "s_nothink")]
 ARM_LABELS = {"grpo": "GRPO", "sdpo_s": "SDPO c = s", "sdpo_s_nothink": "SDPO c = s\\think"}
-MATH_EVAL_SETS = ("aime24", "amc23")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,7 +123,8 @@ def seq_mean_token_mean(loss_t: torch.Tensor, mask: torch.Tensor) -> torch.Tenso
     return ((loss_t * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
 
 
-def grpo_loss(logp, old_logp, advantages, mask, rollout_weight=None, clip_low=0.2, clip_high=0.28, dual_clip=3.0):
+def grpo_loss(logp, old_logp, advantages, mask, rollout_weight=None, clip_low=0.2, clip_high=0.28,
+              dual_clip=3.0):
     """PPO-clip policy gradient with asymmetric clip and dual clip, no KL, no entropy bonus:
 
         rho_t = pi_theta(y_t) / pi_old(y_t)
@@ -193,16 +155,16 @@ def generalized_jsd(s: torch.Tensor, t: torch.Tensor, alpha: float) -> torch.Ten
         return kl(t, s)
     if alpha == 1:
         return kl(s, t)
-    m = torch.logsumexp(torch.stack([s + math.log(1 - alpha), t + math.log(alpha)]), dim=0)  # (..., K)
+    m = torch.logsumexp(torch.stack([s + math.log(1 - alpha), t + math.log(alpha)]), dim=0)  # (.., K)
     return (1 - alpha) * kl(s, m) + alpha * kl(t, m)
 
 
-def sdpo_loss(student_logp, teacher_logp, logp, old_logp, mask, has_demo, alpha=0.5, is_clip=2.0, add_tail=True,
-              rollout_weight=None, count_no_demo=True):
+def sdpo_loss(student_logp, teacher_logp, logp, old_logp, mask, has_demo, alpha=0.5, is_clip=2.0,
+              add_tail=True, rollout_weight=None, count_no_demo=True):
     """Self-distillation from the solution-conditioned teacher over the student's top-k ids:
 
         S_t, T_t = [p(k) for k in topk_student(t)] (+ tail bin 1 - sum)   (student, teacher)
-        l_t      = GJSD_alpha(S_t, T_t) * min(pi_theta(y_t) / pi_old(y_t), is_clip)   (weight detached)
+        l_t      = GJSD_alpha(S_t, T_t) * min(pi_theta(y_t) / pi_old(y_t), is_clip)  (w detached)
         L        = sum_i d_i [ sum_t w_t l_t / |y_i| ] / (B if count_no_demo else sum_i d_i),
     d_i = 1 when sample i has a demonstration. Returns (L, l_t detached for logging).
     """
@@ -252,388 +214,119 @@ def ema_update(teacher_fp32: list[torch.Tensor], teacher, student, tau: float) -
 
 
 # ---------------------------------------------------------------------------------------------
-# Token statistics in chunks over positions: no (T x vocab) fp32 tensor is kept.
+# One step: rollouts -> rewards -> teacher context -> update
 # ---------------------------------------------------------------------------------------------
-def _chunk_stats(h, weight, targets, k, ids):
-    logp = torch.log_softmax((h @ weight.T).float(), dim=-1)  # (C, V)
-    tok = logp.gather(-1, targets[:, None])[:, 0]  # (C,)
-    entropy = -(logp.exp() * logp).sum(-1).detach()  # (C,)
-    if k is None:  # token log-probs only
-        return tok, tok.new_zeros(len(tok), 0), entropy, None
-    if k == 0:  # the full vocabulary
-        return tok, logp, entropy, None
-    ids = logp.topk(k, dim=-1).indices if ids is None else ids  # (C, K) the student's top-k ids
-    return tok, logp.gather(-1, ids), entropy, ids
+@dataclass
+class Rollouts:
+    """This rank's share of one step: B' prompts x n samples, group-major."""
+    samples: list[Sample]  # B'*n
+    rewards: torch.Tensor  # (B'*n,) 1.0 = graded correct
+    grader: common.GradeReport
+    seqs: list[tuple[list[int], list[int]]]  # (prompt ids, response ids): the student's view
+    teacher_seqs: list[tuple[list[int], list[int]]] | None = None  # SDPO: (teacher prompt, response)
+    has_demo: torch.Tensor | None = None  # (B'*n,) SDPO: 1.0 = a peer demonstration exists
 
 
-def token_stats(model, input_ids, attention_mask, labels, k: int | None, chunk: int, topk_ids=None, grad: bool = True):
-    """For the N response tokens (row-major): log-prob of each token, the distribution over the
-    top-k ids (the student's own when topk_ids is None, else the given ids; k = 0: the full
-    vocabulary; k = None: none), entropy, the ids, and the (B, T-1) mask of response positions.
-    With grad, each chunk is recomputed in backward (checkpoint), so only (N, K) is kept."""
-    targets = labels[:, 1:]  # (B, T-1) position p predicts token p+1
-    mask = targets != -100  # (B, T-1)
-    with torch.set_grad_enabled(grad), common.bf16_compute(input_ids.device):
-        # The root forward (not model.model) so that FSDP gathers the head's weight; logits of the last position only.
-        out = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1, output_hidden_states=True,
-                    use_cache=False)
-        hidden = out.hidden_states[-1][:, :-1][mask]  # (N, H) final-norm hidden states
-        weight, tgt = model.get_output_embeddings().weight, targets[mask]  # (V, H), (N,)
-        outs = []
-        for a in range(0, len(hidden), chunk):
-            ids = None if topk_ids is None else topk_ids[a:a + chunk]
-            args = (hidden[a:a + chunk], weight, tgt[a:a + chunk], k, ids)
-            outs.append(torch.utils.checkpoint.checkpoint(_chunk_stats, *args, use_reentrant=False) if grad
-                        else _chunk_stats(*args))
-    if not grad:
-        common.reshard(model)
-    tok, dist, entropy = (torch.cat([o[i] for o in outs]) for i in range(3))
-    ids = torch.cat([o[3] for o in outs]) if k else None
-    return tok, dist, entropy, ids, mask
-
-
-def to_padded(flat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(N, ...) values of the masked positions -> (B, T, ...) zero-padded."""
-    out = flat.new_zeros(mask.shape + flat.shape[1:])
-    out[mask] = flat
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# The worlds: training problems and evaluation
-# ---------------------------------------------------------------------------------------------
-def train_problems(s: Settings, preset: dict) -> list[dict]:
-    if preset["world"] == "toy":
-        import toy_world
-
-        return toy_world.cell_problems(toy_world.SLICE, 512, split="train")
-    return common.load_train_problems(s.train_file)
-
-
-def eval_sets(s: Settings, preset: dict) -> dict[str, list[dict]]:
-    """toy: held-out in-domain graphs, OOD cells and the training graphs; math: AIME24, AMC23."""
-    if preset["world"] == "toy":
-        import toy_world
-
-        sets = {c: toy_world.cell_problems(c, s.eval_n) for c in toy_world.EVAL_CELLS}
-        sets["train_graphs"] = toy_world.cell_problems(toy_world.SLICE, s.eval_n, split="train")
-        return sets
-    return {name: common.load_problems(name, s.data_dir) for name in MATH_EVAL_SETS}
-
-
-def evaluate_world(s: Settings, preset: dict, model, tokenizer, generator, sets) -> tuple[dict, dict]:
-    """Greedy accuracy (toy) or avg@k with the preset's sampling (math) on every evaluation set
-    -> (flat metrics, samples)."""
-    metrics, samples = {}, {}
-    if preset["world"] == "toy":
-        k, temperature, top_p, max_tokens = 1, 0.0, 1.0, s.max_new_tokens
-    else:
-        k, temperature, top_p, max_tokens = s.eval_k, preset["temperature"], preset["top_p"], preset["max_new_tokens"]
-    model.eval()
-    for name, problems in sets.items():
-        m, rows = common.evaluate(generator, tokenizer, preset, problems, k, temperature, top_p, max_tokens, s.seed)
-        metrics.update({f"eval/{name}/{key}": v for key, v in m.items()})
-        samples[name] = rows[:50]
-    return metrics, samples
-
-
-# ---------------------------------------------------------------------------------------------
-# The training loop
-# ---------------------------------------------------------------------------------------------
-def resolve(s: Settings, preset: dict, method: str) -> Settings:
-    """Fill world defaults for every None setting and check flag combinations, the backend and the
-    data files (before any model or dataset is loaded and anything is written)."""
-    d = WORLD_DEFAULTS[preset["world"]]
-    s = replace(s, **{k: v for k, v in d.items() if getattr(s, k) is None},
-                lr=s.lr if s.lr is not None else LR[(preset["world"], method)])
-    if s.backend not in ("hf", "vllm"):
-        raise ValueError(f"--backend {s.backend!r}: use hf or vllm")
-    if s.backend == "vllm":
-        common.check_vllm(live=True)
-    groups = s.mini_batches * common.world_size()
-    if common.world_size() > 1 and s.prompts_per_step % groups:
-        raise ValueError(f"--prompts-per-step {s.prompts_per_step} must split into --mini-batches x ranks = {groups} "
-                         "equal shares of whole groups")
-    if not 0 <= s.ema_rate <= 1:
-        raise ValueError(f"--ema-rate {s.ema_rate} must be in [0, 1]")
-    check_topk(s, vocab_size(preset))
-    if preset["world"] == "math":
-        if s.train_file and not Path(s.train_file).exists():
-            raise FileNotFoundError(f"--train-file {s.train_file} does not exist")
-        for name in MATH_EVAL_SETS if s.data_dir else ():
-            if not (Path(s.data_dir) / f"{name}.parquet").exists():
-                raise FileNotFoundError(f"{Path(s.data_dir) / name}.parquet not found: --data-dir must hold "
-                                        f"{', '.join(MATH_EVAL_SETS)} parquet files in the paper's layout")
-    if s.teacher_context not in ("s", "s_nothink"):
-        raise ValueError(f"--teacher-context {s.teacher_context!r}: use s or s_nothink")
-    if min(s.steps, s.prompts_per_step, s.rollouts, s.mini_batches, s.micro_batch_size) < 1:
-        raise ValueError("--steps, --prompts-per-step, --rollouts, --mini-batches and --micro-batch-size must be >= 1")
-    if (s.prompts_per_step * s.rollouts) % s.mini_batches:
-        raise ValueError(f"B x n = {s.prompts_per_step * s.rollouts} sequences do not split into "
-                         f"--mini-batches {s.mini_batches}")
-    return s
-
-
-def vocab_size(preset: dict) -> int | None:
-    """The vocabulary of a model on disk, read from its config.json (None when not on disk)."""
-    config = Path(preset["hub_id"] or "", "config.json")
-    return json.loads(config.read_text()).get("vocab_size") if preset["hub_id"] and config.exists() else None
-
-
-def check_topk(s: Settings, vocab: int | None) -> None:
-    if vocab and s.topk and s.topk > vocab:
-        raise ValueError(f"--topk {s.topk} exceeds the vocabulary ({vocab}); use --topk 0 for the full vocabulary")
-
-
-def plan_arm(s: Settings, method: str, context: str, run_dir: str) -> tuple[Settings, str]:
-    """Every check that can fail, before anything is loaded: world defaults and flag combinations,
-    the backend, the data files, and the run directory (-> "new", "continue" or "finished")."""
-    common.init_distributed(s.device or common.default_device())
-    s = replace(resolve(s, common.resolve_preset(s.model), method), method=method, teacher_context=context)
-    state = common.main_only(common.check_run, run_dir, s, s.overwrite, s.resume, type(s).SWEEP_ONLY)
-    return s, state
-
-
-def collect(s: Settings, method: str, context: str, preset: dict, tokenizer, generator, batch: list[dict], step: int):
-    """Rollouts, rewards and the sequences the update needs: [prompt ; response] for the student and,
-    for SDPO, [teacher prompt ; response] for the teacher."""
+def rollout(s: Settings, world, preset: dict, tokenizer, generator, batch: list[dict], step: int) -> Rollouts:
+    """n samples per prompt at the rollout temperature, graded by the world (the binary reward)."""
     prompts = [common.prompt_ids(tokenizer, p["prompt"], preset["thinking"]) for p in batch]
     groups = generator.generate(prompts, n=s.rollouts, temperature=s.temperature, top_p=s.top_p,
-                                max_tokens=s.max_new_tokens, seed=s.seed * 100003 + step + 1_000_003 * common.rank())
-    flat = [x for g in groups for x in g]
-    report = common.grade_responses([x.text for x in flat], [p["gold"] for p in batch for _ in range(s.rollouts)], preset)
-    seqs = [(prompts[i // s.rollouts], x.token_ids) for i, x in enumerate(flat)]
-    out = {"flat": flat, "report": report, "seqs": seqs, "rewards": torch.tensor(report.correct, dtype=torch.float32)}
-    if method == "sdpo":
-        msgs = teacher_messages([p["prompt"] for p in batch], [x.text for x in flat], report.correct, s.rollouts,
-                                context, preset["think_in_prompt"])
-        out["has_demo"] = torch.tensor([m is not None for m in msgs], dtype=torch.float32)  # (B*n,)
-        out["teacher_seqs"] = [(common.prompt_ids(tokenizer, m, preset["thinking"]) if m else p, r)
-                               for m, (p, r) in zip(msgs, seqs)]
-    return out
+                                max_tokens=s.max_new_tokens,
+                                seed=s.seed * 100003 + step + 1_000_003 * parallel.rank())
+    samples = [x for g in groups for x in g]
+    golds = [p["gold"] for p in batch for _ in range(s.rollouts)]
+    report = world.grade([x.text for x in samples], golds, preset["think_in_prompt"])
+    return Rollouts(samples, torch.tensor(report.correct, dtype=torch.float32), report,
+                    [(prompts[i // s.rollouts], x.token_ids) for i, x in enumerate(samples)])
 
 
-def update(s: Settings, method: str, student, teacher, opt, data: dict, pad: int, epistemic_ids, step: int) -> dict:
-    """pi_old, then `mini_batches` optimizer steps on grpo_loss or sdpo_loss -> step logs. Under
-    torchrun each rank holds its share of every mini-batch (whole groups); FSDP averages the
-    gradients over ranks, so the per-sequence mean over the whole mini-batch is the same as in one
-    process."""
-    device, seqs = epistemic_ids.device, data["seqs"]
-    old_rows = []  # pi_old per sequence, before any update of this step
+def add_teacher_context(s: Settings, r: Rollouts, preset: dict, tokenizer, batch: list[dict]) -> None:
+    """SDPO: each sample's teacher sequence, [teacher prompt ; the sample's response], where the
+    teacher prompt holds a successful peer's response; the student's own prompt when none."""
+    msgs = teacher_messages([p["prompt"] for p in batch], [x.text for x in r.samples], r.grader.correct,
+                            s.rollouts, s.teacher_context, preset["think_in_prompt"])
+    r.has_demo = torch.tensor([m is not None for m in msgs], dtype=torch.float32)  # (B'*n,)
+    r.teacher_seqs = [(common.prompt_ids(tokenizer, m, preset["thinking"]) if m else p, resp)
+                      for m, (p, resp) in zip(msgs, r.seqs)]
+
+
+def update(s: Settings, *, student, teacher, opt, rollouts: Rollouts, pad_id: int, epistemic_ids,
+           step: int) -> dict:
+    """pi_old, then `mini_batches` optimizer steps on grpo_loss or sdpo_loss -> step logs. Each
+    micro-batch's loss (a mean over its sequences) is weighted by its share of the mini-batch, so
+    the gradient is the per-sequence mean over the whole mini-batch whatever the micro-batching.
+    Under torchrun each rank holds its share of every mini-batch (whole groups); FSDP averages
+    the gradients over ranks, so the mean is the single-process one."""
+    device, seqs, sdpo = epistemic_ids.device, rollouts.seqs, s.method == "sdpo"
+    old_rows = []  # log pi_old per sequence, before any update of this step
     for a in range(0, len(seqs), s.micro_batch_size):
-        ids, att, lab = (t.to(device) for t in common.pack_sequences(seqs[a:a + s.micro_batch_size], pad))
+        ids, att, lab = (t.to(device) for t in pack_sequences(seqs[a:a + s.micro_batch_size], pad_id))
         tok, _, _, _, m = token_stats(student, ids, att, lab, None, s.logit_chunk, grad=False)
         old_rows += list(tok.split(m.sum(1).tolist()))
-    log_ratio = [None if x.logprobs is None else o - torch.tensor(x.logprobs, device=device)  # log pi_old/pi_rollout
-                 for o, x in zip(old_rows, data["flat"])]  # only when another engine (vLLM) sampled
+    log_ratio = [None if x.logprobs is None else o - torch.tensor(x.logprobs, device=device)
+                 for o, x in zip(old_rows, rollouts.samples)]  # log pi_old/pi_rollout (vLLM only)
     correction = [None if r is None else torch.exp(r).clamp(max=s.rollout_is_clip) for r in log_ratio]
-    advantages = group_advantages(data["rewards"].view(-1, s.rollouts)).view(-1)  # (B*n,)
-    has_demo = data.get("has_demo")
+    advantages = group_advantages(rollouts.rewards.view(-1, s.rollouts)).view(-1)  # (B'*n,)
     student.train()
-    mb, logs, k, norms = len(seqs) // s.mini_batches, [], (s.topk if method == "sdpo" else None), []
+    mb, logs, norms, k = len(seqs) // s.mini_batches, [], [], (s.topk if sdpo else None)
     for start in range(0, len(seqs), mb):
         opt.zero_grad(set_to_none=True)
         for a in range(start, start + mb, s.micro_batch_size):
             sl = slice(a, min(a + s.micro_batch_size, start + mb))
-            ids, att, lab = (t.to(device) for t in common.pack_sequences(seqs[sl], pad))
+            ids, att, lab = (t.to(device) for t in pack_sequences(seqs[sl], pad_id))
             tok, dist, ent, top_ids, mask = token_stats(student, ids, att, lab, k, s.logit_chunk)
             logp, old, maskf = to_padded(tok, mask), pad_rows(old_rows[sl], mask), mask.float()  # (b, T)
             weight = None if correction[a] is None else pad_rows(correction[sl], mask)  # (b, T)
-            if method == "grpo":
+            if not sdpo:
                 loss, div = grpo_loss(logp, old, advantages[sl].to(device), maskf, weight, s.clip_low,
                                       s.clip_high, s.dual_clip), None
             else:
-                tids, tatt, tlab = (t.to(device) for t in common.pack_sequences(data["teacher_seqs"][sl], pad))
-                tdist = token_stats(teacher, tids, tatt, tlab, k, s.logit_chunk, topk_ids=top_ids, grad=False)[1]
-                loss, div = sdpo_loss(to_padded(dist, mask), to_padded(tdist, mask), logp, old, maskf,
-                                      has_demo[sl].to(device), s.alpha, s.is_clip, add_tail=bool(k),
-                                      rollout_weight=weight, count_no_demo=s.count_no_demo)
+                t_ids, t_att, t_lab = (t.to(device) for t in pack_sequences(rollouts.teacher_seqs[sl], pad_id))
+                t_dist = token_stats(teacher, t_ids, t_att, t_lab, k, s.logit_chunk, topk_ids=top_ids,
+                                     grad=False)[1]
+                loss, div = sdpo_loss(to_padded(dist, mask), to_padded(t_dist, mask), logp, old, maskf,
+                                      rollouts.has_demo[sl].to(device), s.alpha, s.is_clip,
+                                      add_tail=bool(k), rollout_weight=weight, count_no_demo=s.count_no_demo)
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss at step {step}: stopping; the run directory keeps the "
-                                         "metrics and the last good checkpoint (--resume continues from it)")
-            (loss * (sl.stop - sl.start) / mb).backward()  # seq-mean over the whole mini-batch
-            logs.append(_token_logs(loss, ent, mask, div, ids, epistemic_ids, None if div is None else has_demo[sl]))
-        norms.append(common.full_tensor(torch.nn.utils.clip_grad_norm_(student.parameters(), s.grad_clip)))
+                raise FloatingPointError(f"non-finite loss at step {step}: stopping; the run directory "
+                                         "keeps the metrics and the last good checkpoint (--resume)")
+            (loss * (sl.stop - sl.start) / mb).backward()  # weight = the micro-batch's share
+            logs.append(token_logs(loss, ent, mask, div, ids, epistemic_ids,
+                                   rollouts.has_demo[sl] if sdpo else None))
+        norms.append(parallel.full_tensor(torch.nn.utils.clip_grad_norm_(student.parameters(), s.grad_clip)))
         if not torch.isfinite(norms[-1]):
-            raise FloatingPointError(f"non-finite gradient norm at step {step}: stopping; the run directory keeps "
-                                     "the metrics and the last good checkpoint (--resume continues from it)")
+            raise FloatingPointError(f"non-finite gradient norm at step {step}: stopping; the run "
+                                     "directory keeps the metrics and the last good checkpoint (--resume)")
         opt.step()
     student.eval()
-    logs = [x for part in common.gather_objects(logs) for x in part]  # every rank's micro-batches
-    rollout = [r for r in log_ratio if r is not None]  # trainer-vs-rollout health: mean |log-prob gap| per token
-    gap_sum, gap_n = map(sum, zip(*common.gather_objects((sum(r.abs().sum().item() for r in rollout),
-                                                          sum(r.numel() for r in rollout)))))
-    out = dict(_merge_logs(logs), grad_norm=float(torch.stack(norms).mean()))
+    logs = [x for part in parallel.gather_objects(logs) for x in part]  # every rank's micro-batches
+    gap = [r for r in log_ratio if r is not None]  # trainer vs rollout engine: mean |log-prob gap|
+    gap_sum, gap_n = map(sum, zip(*parallel.gather_objects((sum(r.abs().sum().item() for r in gap),
+                                                            sum(r.numel() for r in gap)))))
+    out = dict(merge_logs(logs), grad_norm=float(torch.stack(norms).mean()))
     return dict(out, rollout_logprob_gap=gap_sum / gap_n) if gap_n else out
 
 
-def step_metrics(data: dict, logs: dict, lr: float, method: str) -> dict:
-    flat, report = data["flat"], data["report"]
-    lengths, reasons = [len(x.token_ids) for x in flat], [x.finish_reason for x in flat]
-    epistemic = common.response_metrics([x.text for x in flat], lengths, reasons)
-    return {"train/reward": data["rewards"].mean().item(), "train/response_length": float(np.mean(lengths)),
+# ---------------------------------------------------------------------------------------------
+# Step metrics
+# ---------------------------------------------------------------------------------------------
+def step_metrics(r: Rollouts, logs: dict, lr: float) -> dict:
+    """The step's training metrics from every rank's rollouts (gathered) and the update's logs."""
+    parts = parallel.gather_objects((r.rewards, r.has_demo, r.grader.timeouts, r.grader.errors,
+                                     [(x.text, len(x.token_ids), x.finish_reason) for x in r.samples]))
+    texts, lengths, reasons = zip(*[x for p in parts for x in p[4]])
+    epistemic = common.response_metrics(list(texts), list(lengths), list(reasons))
+    demo = [p[1] for p in parts if p[1] is not None]
+    return {"train/reward": torch.cat([p[0] for p in parts]).mean().item(),
+            "train/response_length": float(np.mean(lengths)),
             "train/truncation_rate": epistemic["truncation_rate"], "train/lr": lr,
-            "train/demo_fraction": data["has_demo"].mean().item() if method == "sdpo" else 0.0,
-            "grader/timeouts": report.timeouts, "grader/errors": report.errors,
+            "train/demo_fraction": torch.cat(demo).mean().item() if demo else 0.0,
+            "grader/timeouts": sum(p[2] for p in parts), "grader/errors": sum(p[3] for p in parts),
             **{f"train/{k}": v for k, v in logs.items()},
             **{f"train/{k}": v for k, v in epistemic.items() if k.startswith("epistemic")}}
 
 
-def save_state(run, step, student, opt, sched, teacher_fp32, keep: int) -> None:
-    """Everything a resume needs, gathered whole from the shards (the frozen teacher is the loaded
-    model and the EMA teacher's weights are its fp32 shadows: neither is saved separately)."""
-    state = dict(common.gather_full_state(student, opt), teacher_fp32=common.gather_tensors(teacher_fp32))
-    if common.is_main():
-        common.save_checkpoint(run, step, {"student": state["model"], "optimizer": state["optimizer"],
-                                           "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state(),
-                                           "teacher_fp32": state["teacher_fp32"]}, keep)
-
-
-def load_state(run, student, opt, sched, teacher, teacher_fp32) -> int:
-    """Restore the newest checkpoint -> the step to continue after. Rank 0 reads it; the weights
-    and optimizer state reach the other ranks' shards by broadcast."""
-    full = {}
-
-    def read():  # rank 0 keeps the (large) state; every rank gets the small parts
-        step, full["state"] = common.load_checkpoint(run)
-        if step == 0:  # no checkpoint yet: the run starts again
-            return 0, None, None
-        return step, full["state"]["scheduler"], full["state"]["torch_rng"]
-
-    step, sched_state, rng = common.main_only(read)
-    if step == 0:
-        return 0
-    state = full.get("state", {})
-    common.load_full_state(student, opt, {"model": state.get("student", {}), "optimizer": state.get("optimizer", {})})
-    sched.load_state_dict(sched_state)
-    torch.set_rng_state(rng)
-    common.scatter_tensors(teacher_fp32, state.get("teacher_fp32"))
-    with torch.no_grad():
-        for p, shadow in zip(teacher.parameters() if teacher_fp32 else [], teacher_fp32):
-            p.copy_(shadow)
-    return step
-
-
-def train_arm(s: Settings, method: str, context: str, run_dir: str, sample_batch=None) -> dict:
-    """One arm (GRPO or SDPO with one teacher context) for one seed -> final.json contents.
-    `sample_batch(step) -> [{prompt, gold}]` replaces the default seeded epochs (exp04 uses it).
-    Under torchrun every rank runs this; rank 0 alone writes files and prints."""
-    s, state = plan_arm(s, method, context, run_dir)
-    if state == "finished":
-        return common.main_only(common.read_final, run_dir)
-    torch.set_num_threads(s.threads)
-    torch.set_flush_denormal(True)  # denormal floats make CPU matmuls ~100x slower
-    common.set_seed(s.seed)
-    device = common.init_distributed(s.device or common.default_device())
-    sharded, cuda = common.world_size() > 1, device.startswith("cuda")
-    preset = common.resolve_preset(s.model)
-    if sample_batch is None:  # data before the model: a bad file fails before gigabytes load
-        problems = train_problems(s, preset)
-        if not problems:
-            raise ValueError("the training set is empty: check --train-file")
-        sample_batch = lambda step: [problems[i] for i in common.batch_indices(len(problems), s.prompts_per_step, step, s.seed)]  # noqa: E731
-    sets = eval_sets(s, preset)
-    # fp32 master weights (bf16 compute on CUDA); sharded runs load on the CPU and FSDP moves each shard.
-    student, tokenizer, preset = common.load_model(s.model, device="cpu" if sharded else device, dtype=torch.float32)
-    check_topk(s, student.get_output_embeddings().weight.shape[0])
-    run = common.main_only(common.start_run, run_dir, s, overwrite=s.overwrite, resume=s.resume,
-                           sweep_only=type(s).SWEEP_ONLY)
-    try:
-        return _train(s, method, context, run, preset, student, tokenizer, sample_batch, sets, device, cuda)
-    except KeyboardInterrupt:
-        raise common.Interrupted(run) from None
-
-
-def _train(s, method, context, run, preset, student, tokenizer, sample_batch, sets, device, cuda) -> dict:
-    main = common.is_main()
-    if preset["world"] == "math":  # recompute each decoder layer in backward: activations of 20k-token sequences
-        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    teacher = copy.deepcopy(student).to(torch.bfloat16 if cuda else torch.float32).eval() if method == "sdpo" else None
-    for model in (student, teacher):
-        if model is not None:
-            common.shard_model(model, mixed_precision=cuda)
-    teacher_fp32 = [p.detach().float().clone() for p in student.parameters()] if teacher and s.ema_rate else []
-    opt = torch.optim.AdamW(student.parameters(), lr=s.lr, betas=(0.9, 0.999), weight_decay=s.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / s.warmup_steps))
-    generator = common.make_generator(student, tokenizer, s.backend, model_path=preset["hub_id"], seed=s.seed,
-                                      live=True, gpu_memory_utilization=s.vllm_gpu_memory)
-    epistemic_ids = torch.tensor([any(w in tokenizer.decode([i]).lower() for w in common.EPISTEMIC_WORDS)
-                                  for i in range(len(tokenizer))], device=device)  # (V,)
-    done = load_state(run, student, opt, sched, teacher, teacher_fp32) if s.resume else 0
-    if done:
-        generator.load_weights(common.full_weights(student))  # the engine started from the base weights
-        if main:
-            print(f"[{arm_name(method, context)} seed {s.seed}] resumed from step {done} ({run})", flush=True)
-    else:
-        base, samples = evaluate_world(s, preset, student, tokenizer, common.ShardedGenerator(generator), sets)
-        if main:
-            common.log_metrics(run, 0, base)
-            _write_eval_samples(run, samples)
-    t0 = time.time()
-    for step in range(done + 1, s.steps + 1):
-        batch = sample_batch(step)  # the same B prompts on every rank; each takes its share
-        data = collect(s, method, context, preset, tokenizer, generator,
-                       [batch[i] for i in common.rank_share(len(batch), s.mini_batches)], step)
-        generator.sleep()  # vLLM frees its GPU memory for the update
-        logs = update(s, method, student, teacher, opt, data, tokenizer.pad_token_id, epistemic_ids, step)
-        generator.load_weights(common.full_weights(student))  # the next rollouts come from the updated policy
-        lr_used = sched.get_last_lr()[0]
-        sched.step()
-        if teacher is not None:
-            ema_update(teacher_fp32, teacher, student, s.ema_rate)
-        row = step_metrics(gather_rollouts(data), logs, lr_used, method)
-        if step % s.eval_every == 0 or step == s.steps:
-            ev, samples = evaluate_world(s, preset, student, tokenizer, common.ShardedGenerator(generator), sets)
-            row.update(ev)
-            if main:
-                _write_eval_samples(run, samples)
-        if main:
-            common.log_metrics(run, step, dict(row, **{"time/step_s": time.time() - t0}))
-        t0 = time.time()
-        if s.checkpoint_every and (step % s.checkpoint_every == 0 or step == s.steps):
-            save_state(run, step, student, opt, sched, teacher_fp32, s.keep_checkpoints)
-        if main:
-            print(f"[{arm_name(method, context)} seed {s.seed}] step {step} reward {row['train/reward']:.3f} "
-                  f"len {row['train/response_length']:.1f} doubt {row['train/epistemic/total']:.2f} "
-                  f"loss {row['train/loss']:+.2e}", flush=True)  # GRPO: ~0 on-policy (README)
-    return common.main_only(_finish, run, s, method, context)
-
-
-def _finish(run, s: Settings, method: str, context: str) -> dict:
-    """final.json: the arm's settings (method and context as trained), base and last rows."""
-    rows = common.read_metrics(run)
-    final = {"method": method, "teacher_context": context if method == "sdpo" else None, "seed": s.seed,
-             "steps": s.steps, "settings": asdict(s), "base": rows[0], "final": rows[-1],
-             "train_time_s": sum(r.get("time/step_s", 0.0) for r in rows)}
-    common.finish_run(run, final)
-    return final
-
-
-def gather_rollouts(data: dict) -> dict:
-    """The step's rollouts, rewards, demonstration flags and grader counts of every rank (rank
-    order), for the step's metrics; the rollout engine's log-probs are left behind."""
-    parts = common.gather_objects({"flat": [replace(x, logprobs=None) for x in data["flat"]],
-                                   "rewards": data["rewards"], "has_demo": data.get("has_demo"),
-                                   "timeouts": data["report"].timeouts, "errors": data["report"].errors})
-    out = {"flat": [x for p in parts for x in p["flat"]], "rewards": torch.cat([p["rewards"] for p in parts]),
-           "report": common.GradeReport(correct=[], timeouts=sum(p["timeouts"] for p in parts),
-                                        errors=sum(p["errors"] for p in parts))}
-    if data.get("has_demo") is not None:
-        out["has_demo"] = torch.cat([p["has_demo"] for p in parts])
-    return out
-
-
-def _write_eval_samples(run, samples: dict) -> None:
-    for name, rows in samples.items():
-        common.write_samples(run, f"eval_{name}", rows)
-
-
-def pad_rows(rows: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
-    """Per-sequence values (lengths = mask.sum(1)) -> (B, T) zero-padded like `mask`."""
-    return to_padded(torch.cat(rows), mask)
-
-
-def _token_logs(loss, entropy, mask, div, ids, epistemic_ids, has_demo) -> dict:
+def token_logs(loss, entropy, mask, div, ids, epistemic_ids, has_demo) -> dict:
     """Loss, mean token entropy and (SDPO) the divergence on epistemic vs other tokens."""
     out = {"loss": loss.item(), "entropy": entropy.mean().item()}
     if div is not None:
@@ -645,69 +338,254 @@ def _token_logs(loss, entropy, mask, div, ids, epistemic_ids, has_demo) -> dict:
     return out
 
 
-def _merge_logs(logs: list[dict]) -> dict:
+def merge_logs(logs: list[dict]) -> dict:
     merged = {}
     for key in logs[0]:
         vals = [l[key] for l in logs]
         if isinstance(vals[0], tuple):  # (sum, count) pairs -> mean per token
             total, count = map(sum, zip(*vals))
-            merged[f"sdpo/{key}"] = total / count if count else None  # null in JSON: no such token this step
+            merged[f"sdpo/{key}"] = total / count if count else None  # None: no such token
         else:
             merged[key] = float(np.mean(vals))
     return merged
 
 
-def arm_name(method: str, context: str) -> str:
-    return "grpo" if method == "grpo" else f"sdpo_{context}"
+# ---------------------------------------------------------------------------------------------
+# One arm: settings checked, models loaded, the loop
+# ---------------------------------------------------------------------------------------------
+def pick_world(model: str):
+    """The world module a model lives in (toy_world or math_world), chosen once per run."""
+    return importlib.import_module(f"{common.resolve_preset(model)['world']}_world")
 
 
-def summarize(finals: list[dict]) -> list[dict]:
-    """summary.json: the base (step 0, one evaluation per seed) first, then one row per arm (`arm`
-    in final.json, else method and context) with every metric of the last step as {mean, std, n}
-    over seeds."""
-    bases = list({f["seed"]: f["base"] for f in finals}.values())
-    rows = [("base (step 0)", bases)] + [(arm, [f["final"] for f in finals if arm_of(f) == arm])
-                                         for arm in dict.fromkeys(map(arm_of, finals))]
-    return [{"arm": arm, "seeds": len(runs), **{k: common.stat([r.get(k) for r in runs])
-                                                for k in dict.fromkeys(k for r in runs for k in r) if k != "step"}}
-            for arm, runs in rows]
+def resolve(s: Settings, world) -> Settings:
+    """The arm's settings: every unset flag from the world's default, every flag combination,
+    the backend and the data files checked (before anything is loaded or written)."""
+    s = world_defaults(s, world.NAME, lr=s.method)
+    if s.method not in ("grpo", "sdpo"):
+        raise ValueError(f"--method {s.method!r}: use grpo, sdpo or all")
+    if s.teacher_context not in ("s", "s_nothink"):
+        raise ValueError(f"--teacher-context {s.teacher_context!r}: use s or s_nothink")
+    if s.backend not in ("hf", "vllm"):
+        raise ValueError(f"--backend {s.backend!r}: use hf or vllm")
+    if s.backend == "vllm":
+        from infra.rollout import check_vllm
+
+        check_vllm(live=True)
+    groups = s.mini_batches * parallel.world_size()
+    if parallel.world_size() > 1 and s.prompts_per_step % groups:
+        raise ValueError(f"--prompts-per-step {s.prompts_per_step} must split into --mini-batches x ranks "
+                         f"= {groups} equal shares of whole groups")
+    if not 0 <= s.ema_rate <= 1:
+        raise ValueError(f"--ema-rate {s.ema_rate} must be in [0, 1]")
+    if min(s.steps, s.prompts_per_step, s.rollouts, s.mini_batches, s.micro_batch_size) < 1:
+        raise ValueError("--steps, --prompts-per-step, --rollouts, --mini-batches and "
+                         "--micro-batch-size must be >= 1")
+    if (s.prompts_per_step * s.rollouts) % s.mini_batches:
+        raise ValueError(f"B x n = {s.prompts_per_step * s.rollouts} sequences do not split into "
+                         f"--mini-batches {s.mini_batches}")
+    check_topk(s, vocab_size(s.model))
+    world.check_files(s.train_file, s.data_dir)
+    return s
+
+
+def vocab_size(model: str) -> int | None:
+    """The vocabulary of a model on disk, from its config.json (None when not on disk)."""
+    config = Path(common.resolve_preset(model)["hub_id"] or "", "config.json")
+    return json.loads(config.read_text()).get("vocab_size") if config.is_file() else None
+
+
+def check_topk(s: Settings, vocab: int | None) -> None:
+    if vocab and s.topk and s.topk > vocab:
+        raise ValueError(f"--topk {s.topk} exceeds the vocabulary ({vocab}); use --topk 0 for the full "
+                         "vocabulary")
+
+
+def plan_arm(s: Settings, run_dir: str) -> tuple[Settings, str]:
+    """Every check that can fail, before anything loads: the arm's settings (s.method is grpo or
+    sdpo) and its run directory -> (settings, "new" | "continue" | "finished")."""
+    parallel.init_distributed(s.device or common.default_device())
+    s = resolve(s, pick_world(s.model))
+    return s, parallel.main_only(common.check_run, run_dir, s, s.overwrite, s.resume, type(s).SWEEP_ONLY)
+
+
+def train_arm(s: Settings, run_dir: str, sample_batch=None) -> dict:
+    """One arm (GRPO, or SDPO with one teacher context: s.method, s.teacher_context) for one seed
+    -> final.json contents. `sample_batch(step) -> [{prompt, gold}]` replaces the default seeded
+    epochs (exp04 uses it). Under torchrun every rank runs this; rank 0 alone writes and prints."""
+    s, state = plan_arm(s, run_dir)
+    if state == "finished":
+        return parallel.main_only(common.read_final, run_dir)
+    torch.set_num_threads(s.threads)
+    torch.set_flush_denormal(True)  # denormal floats make CPU matmuls ~100x slower
+    common.set_seed(s.seed)
+    device = parallel.init_distributed(s.device or common.default_device())
+    world = pick_world(s.model)
+    if sample_batch is None:  # data before the model: a bad file fails before gigabytes load
+        problems = world.training_problems(512, s.train_file)
+        if not problems:
+            raise ValueError("the training set is empty: check --train-file")
+        sample_batch = lambda step: [problems[i] for i in common.batch_indices(  # noqa: E731
+            len(problems), s.prompts_per_step, step, s.seed)]
+    sets = world.evaluation_sets(s.eval_n, data_dir=s.data_dir, train_graphs=True)
+    # fp32 master weights (bf16 compute on CUDA); sharded runs load on the CPU, FSDP moves each shard.
+    sharded = parallel.world_size() > 1
+    student, tokenizer, preset = common.load_model(s.model, device="cpu" if sharded else device,
+                                                   dtype=torch.float32)
+    check_topk(s, student.get_output_embeddings().weight.shape[0])
+    run = parallel.main_only(common.start_run, run_dir, s, overwrite=s.overwrite, resume=s.resume,
+                             sweep_only=type(s).SWEEP_ONLY)
+    try:
+        return train(s, world, run, preset, student, tokenizer, sample_batch, sets, device)
+    except KeyboardInterrupt:
+        raise Interrupted(run) from None
+
+
+def train(s: Settings, world, run, preset, student, tokenizer, sample_batch, sets, device) -> dict:
+    """The loop: rollouts -> rewards -> teacher context -> update -> push weights -> evaluate -> log."""
+    main, cuda, sdpo = parallel.is_main(), device.startswith("cuda"), s.method == "sdpo"
+    if world.ACTIVATION_CHECKPOINTING:  # recompute each layer in backward (20k-token sequences)
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    teacher = copy.deepcopy(student).to(torch.bfloat16 if cuda else torch.float32).eval() if sdpo else None
+    for model in (student, teacher):
+        if model is not None:
+            parallel.shard_model(model, mixed_precision=cuda)
+    teacher_fp32 = [p.detach().float().clone() for p in student.parameters()] if teacher and s.ema_rate else []
+    opt = torch.optim.AdamW(student.parameters(), lr=s.lr, betas=(0.9, 0.999), weight_decay=s.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / s.warmup_steps))
+    generator = make_generator(student, tokenizer, s.backend, model_path=preset["hub_id"], seed=s.seed,
+                               live=True, gpu_memory_utilization=s.vllm_gpu_memory)
+    evaluator = parallel.ShardedGenerator(generator)
+    epistemic_ids = torch.tensor([any(w in tokenizer.decode([i]).lower() for w in common.EPISTEMIC_WORDS)
+                                  for i in range(len(tokenizer))], device=device)  # (V,)
+    done = checkpoints.load_state(run, student, opt, sched, teacher, teacher_fp32) if s.resume else 0
+    if done:
+        generator.load_weights(parallel.full_weights(student))  # the engine started from the base
+        if main:
+            print(f"[{arm_name(s)} seed {s.seed}] resumed from step {done} ({run})", flush=True)
+    else:
+        base, samples = evaluate(s, world, preset, student, tokenizer, evaluator, sets)
+        if main:
+            common.log_metrics(run, 0, base)
+            write_eval_samples(run, samples)
+    t0 = time.time()
+    for step in range(done + 1, s.steps + 1):
+        batch = sample_batch(step)  # the same B prompts on every rank; each takes its share
+        batch = [batch[i] for i in parallel.rank_share(len(batch), s.mini_batches)]
+        rollouts = rollout(s, world, preset, tokenizer, generator, batch, step)  # rollouts, rewards
+        if sdpo:
+            add_teacher_context(s, rollouts, preset, tokenizer, batch)
+        generator.sleep()  # vLLM frees its GPU memory for the update
+        logs = update(s, student=student, teacher=teacher, opt=opt, rollouts=rollouts,
+                      pad_id=tokenizer.pad_token_id, epistemic_ids=epistemic_ids, step=step)
+        generator.load_weights(parallel.full_weights(student))  # the next rollouts: the new policy
+        lr_used = sched.get_last_lr()[0]
+        sched.step()
+        if teacher is not None:
+            ema_update(teacher_fp32, teacher, student, s.ema_rate)
+        row = step_metrics(rollouts, logs, lr_used)
+        if step % s.eval_every == 0 or step == s.steps:
+            ev, samples = evaluate(s, world, preset, student, tokenizer, evaluator, sets)
+            row.update(ev)
+            if main:
+                write_eval_samples(run, samples)
+        if main:
+            common.log_metrics(run, step, dict(row, **{"time/step_s": time.time() - t0}))
+        t0 = time.time()
+        if s.checkpoint_every and (step % s.checkpoint_every == 0 or step == s.steps):
+            checkpoints.save_state(run, step, student, opt, sched, teacher_fp32, s.keep_checkpoints)
+        if main:
+            print(f"[{arm_name(s)} seed {s.seed}] step {step} reward {row['train/reward']:.3f} "
+                  f"len {row['train/response_length']:.1f} doubt {row['train/epistemic/total']:.2f} "
+                  f"loss {row['train/loss']:+.2e}", flush=True)  # GRPO: ~0 on-policy (README)
+    return parallel.main_only(finish, run, s)
+
+
+def evaluate(s: Settings, world, preset: dict, model, tokenizer, generator, sets) -> tuple[dict, dict]:
+    """The world's evaluation sampling on every evaluation set -> (flat metrics, samples)."""
+    k, temperature, top_p, max_tokens = world.eval_sampling(preset, s.eval_k, s.max_new_tokens)
+    metrics, samples = {}, {}
+    model.eval()
+    for name, problems in sets.items():
+        m, rows = common.evaluate(generator, tokenizer, preset, problems, k, temperature, top_p, max_tokens,
+                                  s.seed, grade=world.grade)
+        metrics.update({f"eval/{name}/{key}": v for key, v in m.items()})
+        samples[name] = rows[:50]
+    return metrics, samples
+
+
+def write_eval_samples(run, samples: dict) -> None:
+    for name, rows in samples.items():
+        common.write_samples(run, f"eval_{name}", rows)
+
+
+def finish(run, s: Settings) -> dict:
+    """final.json: the arm's settings (method and context as trained), the base and last rows."""
+    rows = common.read_metrics(run)
+    final = {"method": s.method, "teacher_context": s.teacher_context if s.method == "sdpo" else None,
+             "seed": s.seed, "steps": s.steps, "settings": asdict(s), "base": rows[0], "final": rows[-1],
+             "train_time_s": sum(r.get("time/step_s", 0.0) for r in rows)}
+    common.finish_run(run, final)
+    return final
+
+
+# ---------------------------------------------------------------------------------------------
+# Arms, seeds and the table
+# ---------------------------------------------------------------------------------------------
+def arm_name(s_or_final) -> str:
+    """grpo | sdpo_s | sdpo_s_nothink, from an arm's settings or its final.json."""
+    get = s_or_final.get if isinstance(s_or_final, dict) else lambda k: getattr(s_or_final, k)
+    return "grpo" if get("method") == "grpo" else f"sdpo_{get('teacher_context') or 's'}"
 
 
 def arm_of(final: dict) -> str:
-    return final.get("arm") or arm_name(final["method"], final["teacher_context"] or "s")
+    return final.get("arm") or arm_name(final)
 
 
-def print_summary(finals: list[dict], out_dir: str, labels: dict | None = None) -> None:
-    """The compact table (<= 100 columns): base row first, then each arm; all of it in summary.json."""
-    labels = labels or ARM_LABELS
+def summarize(finals: list[dict]) -> list[dict]:
+    """summary.json: the base (step 0, one evaluation per seed) first, then one row per arm with
+    every metric of the last step as {mean, std, n} over seeds."""
+    return [{"arm": arm, "seeds": len(runs), **{k: common.stat([r.get(k) for r in runs])
+                                                for k in dict.fromkeys(k for r in runs for k in r) if k != "step"}}
+            for arm, runs in table_rows(finals)]
+
+
+def table_rows(finals: list[dict], labels: dict | None = None) -> list[tuple[str, list[dict]]]:
     bases = list({f["seed"]: f["base"] for f in finals}.values())
-    rows = [("base (step 0)", bases)] + [(labels.get(arm, arm), [f["final"] for f in finals if arm_of(f) == arm])
+    return [("base (step 0)", bases)] + [((labels or {}).get(arm, arm), [f["final"] for f in finals
+                                                                        if arm_of(f) == arm])
                                          for arm in dict.fromkeys(map(arm_of, finals))]
-    print(common.compact_table(rows) + f"\nevery metric (mean, std, n over seeds): {out_dir}/summary.json")
 
 
-def arm_runs(s: Settings, arms: list[tuple[str, str]], seeds: list[int]) -> list[tuple[Settings, str, str, str]]:
-    """(settings, method, context, run directory) of each arm and seed, each checked before any
-    model loads (plan_arm): a refused arm stops the sweep before the first one trains."""
-    runs = [(replace(s, seed=seed), m, c, f"{s.out_dir}/{arm_name(m, c)}/seed{seed}") for seed in seeds for m, c in arms]
+def print_summary(finals: list[dict], out_dir: str, world, labels: dict | None = None) -> None:
+    """The compact table (<= 100 columns): base row first, then each arm; all in summary.json."""
+    print(common.compact_table(table_rows(finals, labels), world)
+          + f"\nevery metric (mean, std, n over seeds): {out_dir}/summary.json")
+
+
+def arm_runs(s: Settings, arms: list[tuple[str, str]], seeds: list[int]) -> list[tuple[Settings, str]]:
+    """(arm settings, run directory) of each arm and seed, all checked before the first model
+    loads: a refused arm stops the sweep before any trains."""
+    arms = [replace(s, seed=seed, method=m, teacher_context=c) for seed in seeds for m, c in arms]
+    runs = [(a, f"{s.out_dir}/{arm_name(a)}/seed{a.seed}") for a in arms]
     for r in runs:
         plan_arm(*r)
     return runs
 
 
 def main(argv=None) -> list[dict]:
-    s = common.parse_settings(Settings, argv)
+    s = parse_settings(Settings, argv)
     s = replace(s, out_dir=common.default_out_dir(s.out_dir, s.model))
     if s.method not in ("grpo", "sdpo", "all"):
         raise ValueError(f"--method {s.method!r}: use grpo, sdpo or all")
     arms = ARMS if s.method == "all" else [(s.method, s.teacher_context)]
     seeds = [int(x) for x in s.seeds.split(",")] if s.seeds else [s.seed]
     finals = [train_arm(*run) for run in arm_runs(s, arms, seeds)]
-    if common.is_main():
+    if parallel.is_main():
         common.write_json_atomic(f"{s.out_dir}/summary.json", summarize(finals))
-        print_summary(finals, s.out_dir)
+        print_summary(finals, s.out_dir, pick_world(s.model), ARM_LABELS)
     return finals
 
 
 if __name__ == "__main__":
-    common.cli(main)
+    cli(main)

@@ -1,4 +1,4 @@
-"""exp03 — SDPO with the frozen initial teacher vs a moving (EMA) teacher (claim C4; PAPER.md §5).
+"""exp03 — SDPO with the frozen initial teacher vs a moving (EMA) teacher (claim C4; docs/PROTOCOL.md §5).
 
 Claim C4: updating the teacher towards the student after every step,
     theta_T <- (1 - tau) theta_T + tau theta_S        (tau = 0.05 in the paper's ablation),
@@ -17,23 +17,21 @@ particular the teacher–student divergence split into epistemic tokens and all 
 Where we depart from the paper: exp02's list (its docstring) applies unchanged; in addition the
 sweep adds tau = 0.01 and 0.2 around the paper's 0.05 to show the trend, not a single point.
 """
-from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import common
 import exp02_onpolicy_grpo_sdpo as exp02
+from infra.settings import arg, cli, parse_settings
 
 
 @dataclass
 class Settings(exp02.Settings):
-    method: str = "sdpo"
-    """SDPO only: the EMA teacher is an SDPO ablation"""
-    out_dir: str = "runs/{model}/exp03"
-    """run directory ({model} = the --model name); each rate and seed writes <out_dir>/ema<tau>/seed<k>/"""
-    ema_rates: str = "0,0.01,0.05,0.2"
-    """teacher EMA rates tau to compare (0 = the frozen initial teacher)"""
+    method: str = arg("sdpo", "SDPO only: the EMA teacher is an SDPO ablation")
+    out_dir: str = arg("runs/{model}/exp03", "run directory ({model} = the --model name); each rate "
+                                             "and seed writes <out_dir>/ema<tau>/seed<k>/")
+    ema_rates: str = arg("0,0.01,0.05,0.2", "teacher EMA rates tau to compare (0 = the frozen teacher)")
 
     SWEEP_ONLY: ClassVar[tuple] = exp02.Settings.SWEEP_ONLY + ("ema_rates",)
 
@@ -43,7 +41,7 @@ def run_name(tau: float) -> str:
 
 
 def main(argv=None) -> list[dict]:
-    s = common.parse_settings(Settings, argv)
+    s = parse_settings(Settings, argv)
     s = replace(s, out_dir=common.default_out_dir(s.out_dir, s.model))
     if s.method != "sdpo":
         raise ValueError(f"--method {s.method!r}: exp03 compares teachers of SDPO only; use --method sdpo")
@@ -52,15 +50,15 @@ def main(argv=None) -> list[dict]:
     except ValueError:
         raise ValueError(f"--ema-rates {s.ema_rates!r}: give comma-separated numbers in [0, 1], e.g. 0,0.05") from None
     seeds = [int(x) for x in s.seeds.split(",")] if s.seeds else [s.seed]
-    runs = [(replace(s, seed=seed, ema_rate=tau), "sdpo", s.teacher_context, f"{s.out_dir}/{run_name(tau)}/seed{seed}")
+    runs = [(replace(s, seed=seed, ema_rate=tau), f"{s.out_dir}/{run_name(tau)}/seed{seed}")
             for seed in seeds for tau in rates]
     for run in runs:  # every run directory checked before the first model loads
         exp02.plan_arm(*run)
     finals = [dict(exp02.train_arm(*run), arm=run_name(run[0].ema_rate)) for run in runs]
     common.write_json_atomic(f"{s.out_dir}/summary.json", exp02.summarize(finals))
-    exp02.print_summary(finals, s.out_dir, {})
+    exp02.print_summary(finals, s.out_dir, exp02.pick_world(s.model))
     return finals
 
 
 if __name__ == "__main__":
-    common.cli(main)
+    cli(main)

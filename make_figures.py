@@ -1,6 +1,6 @@
 """make_figures.py — every figure, both tables and the claims report (C1–C5), from results/ only.
 
-Reads the files the experiments write (claims in ../shared/docs/PAPER.md):
+Reads the files the experiments write (claims in docs/PROTOCOL.md):
 
   results/exp01/seed<k>/final.json                       Table 1 (C1) and Table 2 (C2)
   results/exp02/<arm>/seed<k>/metrics.jsonl              GRPO vs SDPO c=s vs SDPO c=s\\think (C3)
@@ -441,7 +441,7 @@ def between(name: str, key: str, arms: tuple[str, str], runs: tuple[dict, dict],
 
 
 def claims(data: dict, world: str) -> tuple[list[dict], list[dict]]:
-    """Rows C1–C5 (paper numbers from PAPER.md) and the rows of the toy-world controls."""
+    """Rows C1–C5 (paper numbers from docs/PROTOCOL.md) and the rows of the toy-world controls."""
     ex01, ex02, ex03, ex04, ctrl = (data[k] or {} for k in ("exp01", "exp02", "exp03", "exp04", "controls"))
     t1 = lambda row, key: exp01_values(ex01, "table1", row, key)  # noqa: E731
     t2 = lambda row, key: exp01_values(ex01, "table2", row, key)  # noqa: E731

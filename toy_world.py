@@ -1,4 +1,4 @@
-"""The toy world: search on a star graph with hedged guesses (../shared/docs/TOY_WORLD.md).
+"""The toy world: search on a star graph with hedged guesses (docs/TOY_WORLD.md).
 
 A start node `s` has D arms of L nodes; the target `t` is the leaf of one arm. The prompt lists
 the D*L edges in random order, then `s` and `t`; the answer is the first node of the arm that
@@ -13,6 +13,10 @@ Guided traces are the same writer with a hint in the prompt (the teacher's view)
 hint format (`common.teacher_message`):
   hint = full trace (c = s)        -> walks the goal arm directly, no doubt words;
   hint = `answer b1` (c = s\\think) -> walks the goal arm directly after one `maybe`.
+
+A peer of math_world.py behind the same interface (training_problems, evaluation_sets,
+check_files, grade, eval_sampling, HEADLINE, HEADLINE_NOTE, FORCING_WORD), plus fresh_problems:
+new graphs at every step (exp04's unbounded coverage).
 
 Commands
   python toy_world.py evaluate                 # the shipped model's accuracy table (the main job for now)
@@ -30,7 +34,6 @@ Design choices (listed in the README too):
  3. Loss on the response only; ~30 % of the corpus is guided (both hint genres, with unguided
     and guided traces as full hints, so the c = s genre is known to the model).
 """
-from __future__ import annotations
 
 import math
 import random
@@ -41,6 +44,8 @@ from dataclasses import dataclass
 import torch
 
 import common
+from infra import loss_head, rollout
+from infra.settings import arg, cli, parse_settings
 
 LABELS = [f"n{i}" for i in range(48)]
 HINT_WORDS = ["Correct", "solution:", "Correctly", "solve", "the", "original", "question."]
@@ -62,6 +67,16 @@ PRETRAIN_CELLS = [(d, l) for d in (2, 3, 4, 5) for l in (3, 4, 5)]
 SLICE = (3, 4)  # the distillation / RL slice (D, L)
 EVAL_CELLS = {"in_domain": (3, 4), "ood_d4": (4, 4), "ood_d5": (5, 4), "ood_l5": (3, 5)}
 HINTS = ("none", "full", "answer")  # none = unguided; full = c = s; answer = c = s\think
+NAME = "toy"
+ACTIVATION_CHECKPOINTING = False  # exp02 recomputes each decoder layer in backward
+EVAL_SELECTED_AS = "train_graphs"  # exp01: evaluate the selected training questions too, as
+FORCING_WORD = "wait"
+HEADLINE = {"held-out acc": (["eval/in_domain/avg@"], 3),
+            "OOD acc": (["eval/ood_d4/avg@", "eval/ood_d5/avg@", "eval/ood_l5/avg@"], 3),
+            "doubt words": (["eval/in_domain/epistemic/total"], 2),
+            "length": (["eval/in_domain/response_length"], 1)}
+HEADLINE_NOTE = ("held-out acc = in_domain avg@1; OOD acc = mean avg@1 of ood_d4, ood_d5, ood_l5; "
+                 "doubt words (epistemic count) and length (tokens) per response on in_domain")
 HINT_LABELS = {"none": "unguided", "full": "c = s", "answer": "c = s\\think"}  # the README's columns
 
 
@@ -175,6 +190,43 @@ def eval_graphs(cell: tuple[int, int], n: int, split: str = "heldout") -> list[G
     return out
 
 
+# ---------------------------------------------------------------------------------------------
+# The interface the experiments use (math_world.py has the same)
+# ---------------------------------------------------------------------------------------------
+def training_problems(n: int, train_file: str | None = None) -> list[dict]:
+    """n fixed training graphs of the slice (train_file is the math world's)."""
+    return cell_problems(SLICE, n, split="train")
+
+
+def fresh_problems(seed: int, step: int, n: int) -> list[dict]:
+    """n new graphs of the slice for one step, seeded by (seed, step): unbounded coverage."""
+    rng = random.Random(f"fresh-{seed}-{step}")
+    graphs = [make_graph(rng, *SLICE) for _ in range(n)]
+    return [{"prompt": graph_prompt(g), "gold": g.answer} for g in graphs]
+
+
+def evaluation_sets(n: int, names=None, data_dir: str | None = None, train_graphs: bool = False) -> dict:
+    """n held-out graphs of every evaluation cell, and of the training graphs when asked (names
+    and data_dir are the math world's benchmark options)."""
+    sets = {c: cell_problems(c, n) for c in EVAL_CELLS}
+    return dict(sets, train_graphs=cell_problems(SLICE, n, split="train")) if train_graphs else sets
+
+
+def check_files(train_file: str | None, data_dir: str | None, names=None) -> None:
+    """Nothing to check: the toy world makes its data."""
+
+
+def grade(responses: list[str], golds: list[str], think_in_prompt: bool = False,
+          timeout_s: float = 5.0) -> common.GradeReport:
+    """The toy verifier on each response, in this process (pure and instant: no timeouts)."""
+    return common.GradeReport(correct=[verify(r, g) for r, g in zip(responses, golds)])
+
+
+def eval_sampling(preset: dict, k: int, max_new_tokens: int) -> tuple[int, float, float, int]:
+    """Greedy (deterministic and cheap): k = 1, temperature 0, up to the run's response budget."""
+    return 1, 0.0, 1.0, max_new_tokens
+
+
 def build_tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -187,38 +239,27 @@ def build_tokenizer():
 
 @dataclass
 class PretrainSettings:
-    out_dir: str = "toy_model"
-    """where the Hugging Face model directory is written"""
-    seed: int = 0
-    """seed for the corpus stream, the initialisation and the shuffles"""
-    steps: int = 10000
-    """optimizer steps (the loss plateaus, then drops after ~1k steps: judge by accuracy)"""
-    batch_size: int = 32
-    """sequences per step, fresh from the writer every step"""
-    lr: float = 2e-3
-    """peak AdamW learning rate (linear warm-up, cosine decay to 10 %)"""
-    warmup: int = 100
-    """warm-up steps"""
-    p_guided: float = 0.3
-    """share of guided (hinted) examples in the corpus"""
-    p_confident: float = 0.2
-    """probability that the writer drops `maybe` before the goal arm (design choice 1)"""
-    p_drop_hedge: float = 0.0
-    """control corpus: probability of omitting `maybe` at any choice while still backtracking"""
-    init_from: str | None = None
-    """continue pretraining from this model directory (controls) instead of a fresh model"""
-    hidden: int = 128
-    """hidden size"""
-    layers: int = 4
-    """transformer layers"""
-    heads: int = 4
-    """attention heads"""
-    eval_every: int = 500
-    """steps between greedy accuracy checks on the evaluation cells"""
-    threads: int = 2
-    """torch CPU threads (the wall time in the README is for 2)"""
-    extra_cells: str = ""
-    """cells added to the corpus' cell list to oversample them, e.g. `5x4,4x5` (recipe stage 3)"""
+    out_dir: str = arg("toy_model", "where the Hugging Face model directory is written")
+    seed: int = arg(0, "seed for the corpus stream, the initialisation and the shuffles")
+    steps: int = arg(10000, "optimizer steps (the loss plateaus, then drops after ~1k steps: "
+                     "judge by accuracy)")
+    batch_size: int = arg(32, "sequences per step, fresh from the writer every step")
+    lr: float = arg(2e-3, "peak AdamW learning rate (linear warm-up, cosine decay to 10 %)")
+    warmup: int = arg(100, "warm-up steps")
+    p_guided: float = arg(0.3, "share of guided (hinted) examples in the corpus")
+    p_confident: float = arg(0.2, "probability that the writer drops `maybe` before the goal arm "
+                             "(design choice 1)")
+    p_drop_hedge: float = arg(0.0, "control corpus: probability of omitting `maybe` at any choice "
+                              "while still backtracking")
+    init_from: str | None = arg(None, "continue pretraining from this model directory (controls) "
+                                "instead of a fresh model")
+    hidden: int = arg(128, "hidden size")
+    layers: int = arg(4, "transformer layers")
+    heads: int = arg(4, "attention heads")
+    eval_every: int = arg(500, "steps between greedy accuracy checks on the evaluation cells")
+    threads: int = arg(2, "torch CPU threads (the wall time in the README is for 2)")
+    extra_cells: str = arg("", "cells added to the corpus' cell list to oversample them, e.g. "
+                           "`5x4,4x5` (recipe stage 3)")
 
 
 def corpus_cells(s: PretrainSettings) -> list[tuple[int, int]]:
@@ -263,7 +304,7 @@ def pretrain(s: PretrainSettings) -> None:
         0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, k / s.steps)))))
     t0 = time.time()
     for step in range(1, s.steps + 1):
-        loss = common.lm_step(model, opt, corpus_batch(rng, tokenizer, s, s.batch_size), tokenizer.pad_token_id)
+        loss = loss_head.lm_step(model, opt, corpus_batch(rng, tokenizer, s, s.batch_size), tokenizer.pad_token_id)
         sched.step()
         if step % 50 == 0:
             print(f"step {step} loss {loss:.4f} {time.time() - t0:.0f}s", flush=True)
@@ -307,16 +348,16 @@ def evaluate_cell(model, tokenizer, cell, hint: str = "none", n: int = 200, spli
                   temperature: float = 0.0, seed: int = 0, generator=None) -> dict:
     """Accuracy (= avg@1), length and doubt words of one cell under one hint type, greedy by default,
     through the same `common.evaluate` as the math world."""
-    metrics, _ = common.evaluate(generator or common.HFGenerator(model, tokenizer), tokenizer,
+    metrics, _ = common.evaluate(generator or rollout.HFGenerator(model, tokenizer), tokenizer,
                                  common.resolve_preset("toy"), cell_problems(cell, n, split, hint, seed), k=1,
-                                 temperature=temperature, top_p=1.0, max_tokens=64, seed=seed)
+                                 temperature=temperature, top_p=1.0, max_tokens=64, seed=seed, grade=grade)
     return dict(metrics, accuracy=metrics["avg@1"])
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["pretrain"]:
-        pretrain(common.parse_settings(PretrainSettings, argv[1:]))
+        pretrain(parse_settings(PretrainSettings, argv[1:]))
         return
     if argv[:1] == ["build"]:
         build(*argv[1:2])
@@ -338,4 +379,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    common.cli(main)
+    cli(main)

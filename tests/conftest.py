@@ -20,6 +20,14 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def tiny_models() -> None:
+    """The test-only models (tests/tiny.py) on disk, for `--model PATH` in subprocess runs."""
+    import tiny
+
+    tiny.ensure()
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """../shared/data, or a clean skip on a fresh clone that does not have it."""
@@ -36,8 +44,10 @@ def answering_model(tmp_path_factory) -> Path:
     import torch
 
     import common
+    from infra.loss_head import lm_step, pack_sequences
+    from tiny import tiny_random_model
 
-    model, tokenizer = common.tiny_random_model()
+    model, tokenizer = tiny_random_model()
     text = "<think>\nhmm, maybe two\n</think>\n\n\\boxed{2}"
     response = tokenizer(text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
     questions = [f"What is {i}+{2 - i}?" for i in range(3)]  # asked plainly and with the teacher's hint
@@ -45,9 +55,9 @@ def answering_model(tmp_path_factory) -> Path:
     pairs = [(common.prompt_ids(tokenizer, m, thinking=True), response) for m in messages]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     torch.manual_seed(0)
-    ids, mask, labels = common.pack_sequences(pairs, tokenizer.pad_token_id)
+    ids, mask, labels = pack_sequences(pairs, tokenizer.pad_token_id)
     for _ in range(300):  # until the response is learnt (~60 steps), judged after the update
-        common.lm_step(model, opt, pairs, tokenizer.pad_token_id)
+        lm_step(model, opt, pairs, tokenizer.pad_token_id)
         with torch.no_grad():
             loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss.item()
         if loss < 0.01:

@@ -1,6 +1,8 @@
 """Model presets, prompts, generation, run directories and settings parsing; and the
 tiny-random integration test prompt -> generate -> grade -> metrics."""
 import json
+import os
+import pathlib
 import sys
 from dataclasses import dataclass
 
@@ -8,12 +10,15 @@ import pytest
 import torch
 
 import common
+from infra import loss_head, rollout, settings  # noqa: E402
+import math_world  # noqa: E402
+from tiny import TINY, TINY_R1  # noqa: E402
 
 
 def test_unknown_model_lists_the_presets():
     with pytest.raises(ValueError) as e:
         common.resolve_preset("qwen9-huge")
-    for name in ("qwen3-8b", "qwen3-8b-nothink", "deepseek-r1-distill-qwen-7b", "olmo3-7b-instruct", "toy", "tiny-random"):
+    for name in ("qwen3-8b", "qwen3-8b-nothink", "deepseek-r1-distill-qwen-7b", "olmo3-7b-instruct", "toy"):
         assert name in str(e.value)
 
 
@@ -28,25 +33,25 @@ def test_presets_carry_the_paper_sampling():
 
 
 def test_chat_template_thinking_flag_and_think_in_prompt():
-    _, tok, _ = common.load_model("tiny-random")
+    _, tok, _ = common.load_model(TINY)
     on, off = common.prompt_text(tok, "hi", True), common.prompt_text(tok, "hi", False)
     assert "</think>" not in on and off.endswith("<think>\n\n</think>\n\n")
     assert not common.opens_think_in_prompt(tok)
-    _, tok_r1, preset = common.load_model("tiny-random-r1")
+    _, tok_r1, preset = common.load_model(TINY_R1)
     assert common.opens_think_in_prompt(tok_r1) and preset["think_in_prompt"]
     assert tok.decode(common.prompt_ids(tok, "x = \\frac{1}{2}", True)) == on.replace("hi", "x = \\frac{1}{2}")
 
 
 def test_pack_sequences_masks_prompt_and_padding():
-    ids, mask, labels = common.pack_sequences([([1, 2], [3]), ([4], [5, 6, 7])], pad_id=0)
+    ids, mask, labels = loss_head.pack_sequences([([1, 2], [3]), ([4], [5, 6, 7])], pad_id=0)
     assert ids.tolist() == [[1, 2, 3, 0], [4, 5, 6, 7]]
     assert mask.tolist() == [[1, 1, 1, 0], [1, 1, 1, 1]]
     assert labels.tolist() == [[-100, -100, 3, -100], [-100, 5, 6, 7]]
 
 
 def test_generation_is_seeded_and_reports_finish_reasons():
-    model, tok, preset = common.load_model("tiny-random")
-    gen = common.make_generator(model, tok, backend="hf")
+    model, tok, preset = common.load_model(TINY)
+    gen = rollout.make_generator(model, tok, backend="hf")
     prompts = [common.prompt_ids(tok, "What is 1+1?", True)] * 2
     a = gen.generate(prompts, n=3, temperature=1.0, max_tokens=8, seed=7)
     b = gen.generate(prompts, n=3, temperature=1.0, max_tokens=8, seed=7)
@@ -56,14 +61,15 @@ def test_generation_is_seeded_and_reports_finish_reasons():
         assert len(s.token_ids) <= 8
         assert s.finish_reason == ("stop" if s.token_ids[-1] == tok.eos_token_id else "length")
     with pytest.raises(ValueError, match="backend"):
-        common.make_generator(model, tok, backend="tpu")
+        rollout.make_generator(model, tok, backend="tpu")
 
 
 def test_tiny_random_integration_prompt_generate_grade_metrics():
-    model, tok, preset = common.load_model("tiny-random")
-    gen = common.make_generator(model, tok, backend="hf")
+    model, tok, preset = common.load_model(TINY)
+    gen = rollout.make_generator(model, tok, backend="hf")
     problems = [{"prompt": "What is 1+1?", "gold": "2"}, {"prompt": "What is 2+2?", "gold": "4"}]
-    metrics, rows = common.evaluate(gen, tok, preset, problems, k=4, temperature=1.0, top_p=1.0, max_tokens=12)
+    metrics, rows = common.evaluate(gen, tok, preset, problems, k=4, temperature=1.0, top_p=1.0, max_tokens=12,
+                                    grade=math_world.grade)
     assert len(rows) == 8 and {r["problem"] for r in rows} == {0, 1}
     assert 0 <= metrics["avg@4"] <= metrics["pass@4"] <= 1
     assert metrics["avg@4"] == sum(r["correct"] for r in rows) / 8
@@ -73,7 +79,7 @@ def test_tiny_random_integration_prompt_generate_grade_metrics():
                 "grader/timeouts", "grader/errors"):
         assert key in metrics
     # The same grader on a response we know is right: the pipeline grades, not just runs.
-    report = common.grade_responses(["<think>easy</think>\n\\boxed{2}"], ["2"], preset)
+    report = math_world.grade(["<think>easy</think>\n\\boxed{2}"], ["2"], preset["think_in_prompt"])
     assert report.correct == [True]
 
 
@@ -98,38 +104,52 @@ def test_run_directory_atomic_and_never_overwritten(tmp_path):
     assert not (run / "metrics.jsonl").exists()
 
 
-def test_parse_settings_uses_field_docstrings():
+def test_parse_settings_flags_and_world_defaults():
     @dataclass
     class S:
-        lr: float = 1e-5
-        """learning rate"""
-        ema_rate: float | None = None
-        """EMA rate"""
-        greedy: bool = False
-        """decode greedily"""
+        lr: float = settings.arg(1e-5, "learning rate")
+        steps: int | None = settings.arg(None, "training steps", toy=60, math=100)
+        greedy: bool = settings.arg(False, "decode greedily")
+        forcing: bool | None = settings.arg(None, "budget forcing", toy=True, math=False)
 
-    assert common.field_docs(S) == {"lr": "learning rate", "ema_rate": "EMA rate", "greedy": "decode greedily"}
-    s = common.parse_settings(S, ["--lr", "3e-4", "--ema-rate", "0.05", "--greedy"])
-    assert (s.lr, s.ema_rate, s.greedy) == (3e-4, 0.05, True)
-    assert common.parse_settings(S, ["--ema-rate", "none"]).ema_rate is None
+    s = settings.parse_settings(S, ["--lr", "3e-4", "--steps", "5", "--greedy", "--forcing"])
+    assert (s.lr, s.steps, s.greedy, s.forcing) == (3e-4, 5, True, True)
+    assert settings.world_defaults(settings.parse_settings(S, []), "math") == S(steps=100, forcing=False)
+    assert settings.world_defaults(S(steps=7), "toy") == S(steps=7, forcing=True)  # a given flag stays
     with pytest.raises(SystemExit):
-        common.parse_settings(S, ["--lr", "fast"])
+        settings.parse_settings(S, ["--lr", "fast"])
+
+
+def test_help_shows_the_value_each_world_uses_and_runs_under_cprofile():
+    """--help names the toy and math value of every world-dependent setting (never `None`), and
+    works when the script runs under `python -m cProfile` (no source re-reading)."""
+    import subprocess
+
+    script = str(pathlib.Path(common.__file__).parent / "exp02_onpolicy_grpo_sdpo.py")
+    proc = subprocess.run([sys.executable, "-m", "cProfile", "-o", os.devnull, script, "--help"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = " ".join(proc.stdout.split())
+    assert "None" not in text
+    for part in ("training steps (default: toy: 60, math: 100)", "toy: 0.0002, math: grpo 1e-06 / sdpo 1e-05",
+                 "(default: toy: 0, math: 100)"):
+        assert part in text, part
 
 
 def test_offline_hub_errors_suggest_local_files(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(RuntimeError, match="--data-dir"):
-        common.load_problems("aime24")
+        math_world.load_problems("aime24")
     with pytest.raises(RuntimeError, match="--model PATH"):
         common.load_model("qwen3-1.7b")
     with pytest.raises(ValueError, match="aime24"):
-        common.load_problems("aime2030")
+        math_world.load_problems("aime2030")
 
 
 def test_load_problems_from_local_files(shared_data):
-    problems = common.load_problems("aime25", data_dir=str(shared_data / "paper" / "evaluation"))
-    assert len(problems) == 30 and all(p["prompt"].endswith(common.INSTRUCTION) for p in problems)
+    problems = math_world.load_problems("aime25", data_dir=str(shared_data / "paper" / "evaluation"))
+    assert len(problems) == 30 and all(p["prompt"].endswith(math_world.INSTRUCTION) for p in problems)
 
 
 def test_every_module_imports_without_vllm():
@@ -137,6 +157,6 @@ def test_every_module_imports_without_vllm():
     import pathlib
 
     root = pathlib.Path(common.__file__).parent
-    for path in sorted(root.glob("*.py")):
-        importlib.import_module(path.stem)
+    for path in sorted(root.glob("*.py")) + sorted(root.glob("infra/*.py")):
+        importlib.import_module(".".join(path.relative_to(root).with_suffix("").parts))
     assert "vllm" not in sys.modules  # imported lazily, only by the vLLM backend

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 import common
+from infra import rollout  # noqa: E402
 import exp01_offpolicy as e
 from test_exp02 import write_paper_parquet
 
@@ -33,7 +34,7 @@ class Scripted:
     def generate(self, prompts, n=1, **kw):
         self.calls.append(prompts)
         ids = self.first if len(self.calls) == 1 else self.second
-        return [[common.Sample(list(ids), "", "stop") for _ in range(n)] for _ in prompts]
+        return [[rollout.Sample(list(ids), "", "stop") for _ in range(n)] for _ in prompts]
 
 
 def test_budget_forcing_replaces_the_first_close_with_wait():

@@ -2,6 +2,7 @@
 teacher, chunked token statistics, one real SDPO update, and a subprocess smoke run."""
 import json
 import math
+from dataclasses import replace
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,9 @@ import pytest
 import torch
 
 import common
+from infra import loss_head  # noqa: E402
+import tiny  # noqa: E402
+from tiny import TINY  # noqa: E402
 import exp02_onpolicy_grpo_sdpo as e
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,8 +113,8 @@ def test_teacher_context_never_uses_own_response_and_strips_thinking():
 
 
 def test_ema_rate_zero_leaves_teacher_bit_identical():
-    student, _, _ = common.load_model("tiny-random")
-    teacher = common.tiny_random_model(seed=1)[0]
+    student, _, _ = common.load_model(TINY)
+    teacher = tiny.tiny_random_model(seed=1)[0]
     before = [p.detach().clone() for p in teacher.parameters()]
     shadow = [p.detach().float().clone() for p in teacher.parameters()]
     e.ema_update(shadow, teacher, student, 0.0)
@@ -121,12 +125,12 @@ def test_ema_rate_zero_leaves_teacher_bit_identical():
 
 
 def test_chunked_token_stats_equal_unchunked_with_gradients():
-    model, tok, _ = common.load_model("tiny-random")
-    ids, att, lab = common.pack_sequences([([1, 2, 3], [4, 5, 6, 7]), ([8], [9, 10])], tok.pad_token_id)
+    model, tok, _ = common.load_model(TINY)
+    ids, att, lab = loss_head.pack_sequences([([1, 2, 3], [4, 5, 6, 7]), ([8], [9, 10])], tok.pad_token_id)
     results = []
     for chunk in (2, 1000):
         model.zero_grad()
-        t, d, ent, top, mask = e.token_stats(model, ids, att, lab, 5, chunk)
+        t, d, ent, top, mask = loss_head.token_stats(model, ids, att, lab, 5, chunk)
         (t.sum() + d.exp().sum()).backward()
         results.append((t.detach(), d.detach(), top, model.model.embed_tokens.weight.grad.clone()))
     (t1, d1, i1, g1), (t2, d2, i2, g2) = results
@@ -157,18 +161,20 @@ def tiny_data(tmp_path):
 def test_one_sdpo_step_uses_the_teacher(tiny_data, monkeypatch):
     """With half the rollouts graded correct, every sample has a peer demonstration, the SDPO
     loss is positive, the student moves and the frozen teacher does not."""
-    real = common.grade_responses
+    import math_world
 
-    def half_right(responses, golds, preset, timeout_s=5.0):
-        report = real(responses, golds, preset, timeout_s)
+    real = math_world.grade
+
+    def half_right(responses, golds, think_in_prompt=False, timeout_s=5.0):
+        report = real(responses, golds, think_in_prompt, timeout_s)
         report.correct = [i % 2 == 0 for i in range(len(responses))]
         return report
 
-    monkeypatch.setattr(common, "grade_responses", half_right)
-    s = e.Settings(model="tiny-random", steps=1, prompts_per_step=2, rollouts=4, max_new_tokens=8, eval_k=1,
+    monkeypatch.setattr(math_world, "grade", half_right)
+    s = e.Settings(model=TINY, steps=1, prompts_per_step=2, rollouts=4, max_new_tokens=8, eval_k=1,
                    train_file=str(tiny_data / "train.parquet"), data_dir=str(tiny_data), topk=20,
                    out_dir=str(tiny_data / "run"), threads=1, micro_batch_size=3)
-    final = e.train_arm(s, "sdpo", "s", str(tiny_data / "run"))
+    final = e.train_arm(replace(s, method="sdpo", teacher_context="s"), str(tiny_data / "run"))
     row = final["final"]
     assert row["train/demo_fraction"] == 1.0 and row["train/reward"] == 0.5
     assert row["train/loss"] > 0 and row["train/grad_norm"] > 0
@@ -178,7 +184,7 @@ def test_one_sdpo_step_uses_the_teacher(tiny_data, monkeypatch):
 @pytest.mark.parametrize("method", ["grpo", "sdpo"])
 def test_smoke_subprocess_math_code_path(tiny_data, method):
     out = tiny_data / f"out_{method}"
-    cmd = [sys.executable, str(ROOT / "exp02_onpolicy_grpo_sdpo.py"), "--model", "tiny-random", "--method", method,
+    cmd = [sys.executable, str(ROOT / "exp02_onpolicy_grpo_sdpo.py"), "--model", TINY, "--method", method,
            "--steps", "2", "--prompts-per-step", "2", "--rollouts", "2", "--max-new-tokens", "8", "--eval-k", "1",
            "--train-file", str(tiny_data / "train.parquet"), "--data-dir", str(tiny_data), "--out-dir", str(out),
            "--threads", "1", "--topk", "16"]
@@ -228,7 +234,7 @@ def test_chunked_stats_keep_no_positions_by_vocab_tensor_for_backward():
     targets = torch.randint(0, V, (N,))
 
     def head(chunk):
-        outs = [torch.utils.checkpoint.checkpoint(e._chunk_stats, hidden[a:a + chunk], weight, targets[a:a + chunk], K,
+        outs = [torch.utils.checkpoint.checkpoint(loss_head._chunk_stats, hidden[a:a + chunk], weight, targets[a:a + chunk], K,
                                                   None, use_reentrant=False) for a in range(0, N, chunk)]
         return torch.cat([o[0] for o in outs]).sum() + torch.cat([o[1] for o in outs]).exp().sum()
 
@@ -245,5 +251,5 @@ def test_chunked_stats_keep_no_positions_by_vocab_tensor_for_backward():
     bound = V * H * 4 + N * H * 4 + N * (4 * K + 8)
     assert kept_by_chunk == [bound] * 3, (kept_by_chunk, bound)
     (_, kept_unchunked_without_checkpoint) = saved_bytes(
-        lambda: e._chunk_stats(hidden, weight, targets, K, None)[0].sum())
+        lambda: loss_head._chunk_stats(hidden, weight, targets, K, None)[0].sum())
     assert kept_unchunked_without_checkpoint >= N * V * 4  # the naive path keeps (N x V)

@@ -2,6 +2,7 @@
 toy and 8B runs never share a directory; every refusal comes before any model loads (< 5 s);
 offline fails fast in one paragraph; Ctrl-C ends with one line and the command that resumes;
 no prefix matching of flags; the printed table fits 100 columns; make_figures plots what it finds."""
+import importlib
 import json
 import os
 import resource
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 
 import common
+from infra import hub  # noqa: E402
 import exp01_offpolicy as e1
 import exp02_onpolicy_grpo_sdpo as e2
 import make_figures as mf
@@ -115,7 +117,7 @@ def test_offline_model_fails_fast_in_one_paragraph(tmp_path):
 
 def test_offline_message_keeps_the_whole_underlying_error():
     error = OSError("x" * 500 + " https://huggingface.co/Qwen/Qwen3-8B/resolve/main/config.json")
-    text = common.offline_message("Qwen/Qwen3-8B", "model", error)
+    text = hub.offline_message("Qwen/Qwen3-8B", "model", error)
     assert "x" * 500 in text and text.count("\n") == 0 and "resolve/main/config.json" in text
 
 
@@ -175,7 +177,7 @@ def fake_finals(world: str, seeds=(0, 1, 2)) -> list[dict]:
 @pytest.mark.parametrize("world", ["toy", "math"])
 def test_the_printed_table_fits_100_columns_and_summary_holds_numbers(world, capsys):
     finals = fake_finals(world)
-    e2.print_summary(finals, "runs/x/exp02")
+    e2.print_summary(finals, "runs/x/exp02", importlib.import_module(f"{world}_world"))
     out = capsys.readouterr().out
     assert max(map(len, out.splitlines())) <= 100, out
     assert out.splitlines()[2].startswith("| base (step 0) | 3 |")
@@ -191,7 +193,7 @@ def test_exp01_tables_fit_100_columns(capsys):
     t1 = {c: {"questions": 10, "accuracy": 0.5, "response_length": 123.4, "epistemic/total": 2.0,
               "epistemic/total_per_1k_tokens": 16.2} for c in e1.CONTEXTS}
     finals = [{"table1": t1, "table2": {m: base for m in ("base", "D_ug", "D_sg")}} for _ in range(3)]
-    e1.print_summary(finals, "runs/toy/exp01")
+    e1.print_summary(finals, "runs/toy/exp01", importlib.import_module("toy_world"))
     out = capsys.readouterr().out
     assert max(map(len, out.splitlines())) <= 100, out
     assert e1.summarize(finals)["table1"][0]["accuracy"] == {"mean": 0.5, "std": 0.0, "n": 3}

@@ -1,5 +1,6 @@
-"""Tests for the grading section of common.py: epistemic counter, thinking split, verifier,
-batched grader with timeouts, avg@k / pass@k, and the paper's parquet reader.
+"""Grading: the epistemic counter and thinking split (common.py), the math world's verifier and
+batched grader with timeouts (math_world.py, infra/grader_pool.py), avg@k / pass@k, and the
+paper's parquet reader (infra/data_files.py).
 
 Run: python -m pytest tests/test_grading.py -q   (about 25 s on 2 cores)
 """
@@ -11,8 +12,11 @@ import pandas as pd
 import pytest
 
 import common
-from common import (EPISTEMIC_WORDS, avg_at_k, count_epistemic, epistemic_total, grade, mean_pass_at_k,
-                    pass_at_k, per_1k_tokens, read_paper_parquet, split_thinking, strip_thinking, verify)
+import math_world
+from common import (EPISTEMIC_WORDS, avg_at_k, count_epistemic, epistemic_total, mean_pass_at_k, pass_at_k,
+                    per_1k_tokens, split_thinking, strip_thinking)
+from infra.data_files import read_paper_parquet
+from math_world import grade, verify
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 EVAL_DIR = SHARED_DATA / "paper" / "evaluation"
@@ -160,8 +164,19 @@ MIXED = [  # (response, gold, expected)
 ] * 3
 
 
-def test_grade_worker_is_importable_from_common():
-    assert common._grade_worker.__module__ == "common"
+def test_grader_function_is_importable_by_the_workers():
+    assert math_world.verify_answer.__module__ == "math_world"  # workers import it by name
+
+
+def test_thinking_split_and_strip_span_lines():
+    """Thinking blocks run over many lines; a single-line pattern would leave them in place."""
+    multi = "<think>\nfirst line\nwait, second line\n\nthird\n</think>\n\nThe answer is $\\boxed{4}$."
+    assert split_thinking(multi) == ("first line\nwait, second line\n\nthird", "The answer is $\\boxed{4}$.")
+    assert strip_thinking(multi) == "The answer is $\\boxed{4}$."
+    assert strip_thinking("<think>\nline one\nline two") == ""  # unclosed: to the end
+    assert strip_thinking("a\n<think>x\ny</think>\nb\n<think>\nz\n</think>c") == "a\n\nb\nc"
+    assert strip_thinking("x\ny\n</think>\nanswer 4", think_in_prompt=True) == "answer 4"
+    assert verify(multi, "4") and not verify("<think>\n$\\boxed{4}$\nno end", "4")
 
 
 def test_grade_matches_in_process_verify():

@@ -12,6 +12,9 @@ import pandas as pd
 import pytest
 
 import common
+from infra import checkpoints  # noqa: E402
+import math_world  # noqa: E402
+from tiny import TINY as TINY_MODEL  # noqa: E402
 from test_exp02 import write_paper_parquet
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,7 +71,7 @@ def data(tmp_path):
     return tmp_path
 
 
-TINY = ["--model", "tiny-random", "--steps", "1", "--prompts-per-step", "1", "--rollouts", "2",
+TINY = ["--model", TINY_MODEL, "--steps", "1", "--prompts-per-step", "1", "--rollouts", "2",
         "--max-new-tokens", "4", "--eval-k", "1"]
 
 
@@ -109,7 +112,7 @@ def test_unparseable_gold_no_answer_and_enormous_responses_are_graded_and_counte
     responses = ["<think>x</think> \\boxed{2}", "<think>never finished", "<think>a</think>" + "1+" * 200_000 + "1",
                  "<think>a</think> \\boxed{3}"]
     golds = ["", "2", "3", "3"]  # an empty gold parses to nothing: an error, counted and listed
-    report = common.grade(responses, golds, timeout_s=3.0)
+    report = math_world.grade(responses, golds, timeout_s=3.0)
     assert report.correct == [False, False, False, True]
     assert report.errors + report.timeouts >= 1 and 0 in report.errored + report.timed_out
     assert 1 not in report.errored + report.timed_out  # no final answer is simply wrong, not an error
@@ -163,10 +166,10 @@ def test_resume_before_the_first_checkpoint_starts_again(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     common.log_metrics(run, 0, {"x": 1.0})
-    assert common.load_checkpoint(run) == (0, {})
+    assert checkpoints.load_checkpoint(run) == (0, {})
     assert common.read_metrics(run) == []
-    common.save_checkpoint(run, 3, {"w": 1})
+    checkpoints.save_checkpoint(run, 3, {"w": 1})
     common.log_metrics(run, 3, {"x": 2.0})
     common.log_metrics(run, 4, {"x": 3.0})
-    step, state = common.load_checkpoint(run)
+    step, state = checkpoints.load_checkpoint(run)
     assert (step, state["w"]) == (3, 1) and [r["step"] for r in common.read_metrics(run)] == [3]

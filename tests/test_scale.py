@@ -6,6 +6,7 @@ Run as a script under torchrun, this file is the worker of the 2-process test:
 """
 import copy
 import json
+from dataclasses import replace
 import os
 import signal
 import subprocess
@@ -19,10 +20,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import common  # noqa: E402
+from infra import loss_head, parallel, rollout  # noqa: E402
+import tiny  # noqa: E402
+from tiny import TINY  # noqa: E402
 import exp02_onpolicy_grpo_sdpo as e  # noqa: E402
 
 B, N_ROLLOUTS = 4, 2  # prompts, rollouts per prompt: 8 sequences, 2 mini-batches of 4
-SETTINGS = e.Settings(model="tiny-random", prompts_per_step=B, rollouts=N_ROLLOUTS, mini_batches=2,
+SETTINGS = e.Settings(model=TINY, prompts_per_step=B, rollouts=N_ROLLOUTS, mini_batches=2,
                       micro_batch_size=2, topk=8, logit_chunk=4, lr=1e-2, ema_rate=0.5)
 
 
@@ -38,7 +42,7 @@ def synthetic_data(pad: int) -> dict:
         seqs.append((prompt, response))
         teacher_seqs.append((teacher_prompt, response))
         logprobs = (-2.0 + 0.3 * torch.randn(len(response), generator=g)).tolist()
-        flat.append(common.Sample(response, "", "stop", logprobs))
+        flat.append(rollout.Sample(response, "", "stop", logprobs))
     rewards = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 1.0])
     has_demo = torch.tensor([0.0, 1.0, 1.0, 1.0, 0.0, 0.0, 1.0, 1.0])
     return {"flat": flat, "seqs": seqs, "teacher_seqs": teacher_seqs, "rewards": rewards, "has_demo": has_demo}
@@ -46,7 +50,7 @@ def synthetic_data(pad: int) -> dict:
 
 def this_ranks_share(data: dict) -> dict:
     """The sequences of this rank's prompts (whole groups), as train_arm hands collect() its prompts."""
-    seq_ids = [p * N_ROLLOUTS + j for p in common.rank_share(B, SETTINGS.mini_batches) for j in range(N_ROLLOUTS)]
+    seq_ids = [p * N_ROLLOUTS + j for p in parallel.rank_share(B, SETTINGS.mini_batches) for j in range(N_ROLLOUTS)]
     return {k: v[seq_ids] if torch.is_tensor(v) else [v[i] for i in seq_ids] for k, v in data.items()}
 
 
@@ -54,31 +58,34 @@ def one_step(method: str) -> dict:
     """Build tiny-random student (+ teacher), shard them (a no-op in one process), run exp02's
     update() and EMA once -> full weights and logs (complete on rank 0)."""
     torch.manual_seed(0)
-    student, tokenizer = common.tiny_random_model()
+    student, tokenizer = tiny.tiny_random_model()
     student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # as train_arm does for the math world
     teacher = copy.deepcopy(student).eval()
     for model in (student, teacher):
-        common.shard_model(model, mixed_precision=False)
+        parallel.shard_model(model, mixed_precision=False)
     shadows = [p.detach().float().clone() for p in student.parameters()]
     opt = torch.optim.AdamW(student.parameters(), lr=SETTINGS.lr, weight_decay=SETTINGS.weight_decay)
     data = this_ranks_share(synthetic_data(tokenizer.pad_token_id))
     epistemic_ids = torch.zeros(len(tokenizer), dtype=torch.bool)
-    logs = e.update(SETTINGS, method, student, teacher, opt, data, tokenizer.pad_token_id, epistemic_ids, step=1)
+    rollouts = e.Rollouts(samples=data["flat"], rewards=data["rewards"], grader=common.GradeReport(correct=[]),
+                          seqs=data["seqs"], teacher_seqs=data["teacher_seqs"], has_demo=data["has_demo"])
+    logs = e.update(replace(SETTINGS, method=method), student=student, teacher=teacher, opt=opt, rollouts=rollouts,
+                    pad_id=tokenizer.pad_token_id, epistemic_ids=epistemic_ids, step=1)
     e.ema_update(shadows, teacher, student, SETTINGS.ema_rate)
-    state = common.gather_full_state(student, opt)
-    return {"student": state["model"], "teacher": common.gather_full_state(teacher)["model"],
-            "shadows": common.gather_tensors(shadows), "grad_norm": logs["grad_norm"],
+    state = parallel.gather_full_state(student, opt)
+    return {"student": state["model"], "teacher": parallel.gather_full_state(teacher)["model"],
+            "shadows": parallel.gather_tensors(shadows), "grad_norm": logs["grad_norm"],
             "gap": logs["rollout_logprob_gap"], "roundtrip": checkpoint_roundtrip(state, tokenizer)}
 
 
 def checkpoint_roundtrip(state: dict, tokenizer) -> bool:
     """A gathered checkpoint loaded into freshly sharded copies gathers back to the same state."""
-    fresh, _ = common.tiny_random_model(seed=1)
-    common.shard_model(fresh, mixed_precision=False)
+    fresh, _ = tiny.tiny_random_model(seed=1)
+    parallel.shard_model(fresh, mixed_precision=False)
     opt = torch.optim.AdamW(fresh.parameters(), lr=SETTINGS.lr)
-    common.load_full_state(fresh, opt, copy.deepcopy(state) if common.is_main() else {})  # loading consumes it
-    again = common.gather_full_state(fresh, opt)
-    if not common.is_main():
+    parallel.load_full_state(fresh, opt, copy.deepcopy(state) if parallel.is_main() else {})  # loading consumes it
+    again = parallel.gather_full_state(fresh, opt)
+    if not parallel.is_main():
         return True
     same_model = all(torch.equal(again["model"][k], v) for k, v in state["model"].items())
     same_optim = all(torch.equal(again["optimizer"]["state"][k]["exp_avg_sq"], v["exp_avg_sq"])
@@ -88,12 +95,12 @@ def checkpoint_roundtrip(state: dict, tokenizer) -> bool:
 
 def worker(out_file: str) -> None:
     torch.set_num_threads(1)
-    common.init_distributed("cpu")
-    assert common.world_size() == 2
+    parallel.init_distributed("cpu")
+    assert parallel.world_size() == 2
     results = {method: one_step(method) for method in ("grpo", "sdpo")}
-    if common.is_main():
+    if parallel.is_main():
         torch.save(results, out_file)
-    common.shutdown_distributed()
+    parallel.shutdown_distributed()
 
 
 def torchrun(args: list[str], timeout: int = 240) -> str:
@@ -122,7 +129,7 @@ def test_fsdp2_two_process_update_equals_single_process(tmp_path):
         assert two["roundtrip"], "a gathered checkpoint does not load back into the shards"
         assert two["grad_norm"] == pytest.approx(single["grad_norm"], rel=1e-4)
         assert two["gap"] == pytest.approx(single["gap"], rel=1e-5)
-        base = common.tiny_random_model()[0].state_dict()
+        base = tiny.tiny_random_model()[0].state_dict()
         moved = max((single["student"][k] - base[k]).abs().max().item() for k in base)
         assert moved > 1e-3, "the step did not change the weights: the comparison would prove nothing"
         for k, v in single["student"].items():
@@ -142,7 +149,7 @@ def test_exp02_under_torchrun_trains_writes_once_and_resumes(tmp_path):
     write_paper_parquet(tmp_path / "train.parquet", [(f"What is {i}+1?", str(i + 1)) for i in range(4)])
     for name in ("aime24", "amc23"):
         write_paper_parquet(tmp_path / f"{name}.parquet", [("What is 3+3?", "6"), ("What is 1+3?", "4")])
-    args = [str(ROOT / "exp02_onpolicy_grpo_sdpo.py"), "--model", "tiny-random", "--method", "sdpo", "--ema-rate",
+    args = [str(ROOT / "exp02_onpolicy_grpo_sdpo.py"), "--model", TINY, "--method", "sdpo", "--ema-rate",
             "0.1", "--steps", "2", "--prompts-per-step", "4", "--rollouts", "2", "--max-new-tokens", "8", "--eval-k", "1",
             "--train-file", str(tmp_path / "train.parquet"), "--data-dir", str(tmp_path), "--out-dir",
             str(tmp_path / "out"), "--threads", "1", "--topk", "16", "--checkpoint-every", "1"]
@@ -160,27 +167,27 @@ def test_exp02_under_torchrun_trains_writes_once_and_resumes(tmp_path):
 def test_rank_share_keeps_each_mini_batch_split_across_ranks(monkeypatch):
     """Rank r takes the r-th contiguous part of every mini-batch: optimizer step j sees the same
     prompts as in one process, and groups never straddle ranks."""
-    monkeypatch.setattr(common, "world_size", lambda: 2)
+    monkeypatch.setattr(parallel, "world_size", lambda: 2)
     shares = []
     for r in (0, 1):
-        monkeypatch.setattr(common, "rank", lambda r=r: r)
-        shares.append(common.rank_share(8, 2))
+        monkeypatch.setattr(parallel, "rank", lambda r=r: r)
+        shares.append(parallel.rank_share(8, 2))
     assert shares == [[0, 1, 4, 5], [2, 3, 6, 7]]
-    monkeypatch.setattr(common, "world_size", lambda: 1)
-    monkeypatch.setattr(common, "rank", lambda: 0)
-    assert common.rank_share(8, 2) == list(range(8))
+    monkeypatch.setattr(parallel, "world_size", lambda: 1)
+    monkeypatch.setattr(parallel, "rank", lambda: 0)
+    assert parallel.rank_share(8, 2) == list(range(8))
 
 
 def test_sharded_generator_pads_equal_shares_and_returns_everything(monkeypatch):
     class Echo:
         def generate(self, prompts, seed=0, **kwargs):
-            return [[common.Sample(p, str(seed), "stop")] for p in prompts]
+            return [[rollout.Sample(p, str(seed), "stop")] for p in prompts]
 
-    monkeypatch.setattr(common, "world_size", lambda: 2)
-    monkeypatch.setattr(common, "rank", lambda: 1)
+    monkeypatch.setattr(parallel, "world_size", lambda: 2)
+    monkeypatch.setattr(parallel, "rank", lambda: 1)
     seen = []
-    monkeypatch.setattr(common, "gather_objects", lambda obj: seen.append(obj) or [[["r0"]] * 2, obj])
-    out = common.ShardedGenerator(Echo()).generate([[1], [2], [3]], seed=5)
+    monkeypatch.setattr(parallel, "gather_objects", lambda obj: seen.append(obj) or [[["r0"]] * 2, obj])
+    out = parallel.ShardedGenerator(Echo()).generate([[1], [2], [3]], seed=5)
     assert [s.token_ids for g in seen[0] for s in g] == [[3]]  # rank 1's share of 3 prompts: the last one
     assert len(out) == 3 and out[-1][0].text == str(5 + 1_000_003)  # each rank samples its own stream
 
@@ -188,23 +195,23 @@ def test_sharded_generator_pads_equal_shares_and_returns_everything(monkeypatch)
 def test_vllm_backend_refusals_name_the_fix(monkeypatch):
     if not torch.cuda.is_available():
         with pytest.raises(common.SetupError, match="CUDA machine"):
-            common.check_vllm(live=True)
+            rollout.check_vllm(live=True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(common.importlib.util, "find_spec", lambda name: object())
-    monkeypatch.setattr(common.importlib.metadata, "version", lambda name: "0.9.0")
-    with pytest.raises(common.SetupError, match=f"vllm=={common.VLLM_VERSION}"):
-        common.check_vllm(live=True)
-    common.check_vllm(live=False)  # sampling from a fixed model: any installed version
+    monkeypatch.setattr(rollout.importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setattr(rollout.importlib.metadata, "version", lambda name: "0.9.0")
+    with pytest.raises(common.SetupError, match=f"vllm=={rollout.VLLM_VERSION}"):
+        rollout.check_vllm(live=True)
+    rollout.check_vllm(live=False)  # sampling from a fixed model: any installed version
     with pytest.raises(common.SetupError, match="--backend hf"):  # a model built in memory has no path for vLLM
-        monkeypatch.setattr(common.importlib.metadata, "version", lambda name: common.VLLM_VERSION)
-        common.make_generator(None, None, "vllm", model_path=None, live=True)
+        monkeypatch.setattr(rollout.importlib.metadata, "version", lambda name: rollout.VLLM_VERSION)
+        rollout.make_generator(None, None, "vllm", model_path=None, live=True)
 
 
 def test_hf_generator_follows_the_trainer_without_a_push():
-    model, tok, _ = common.load_model("tiny-random")
-    gen = common.make_generator(model, tok, "hf", live=True)
+    model, tok, _ = common.load_model(TINY)
+    gen = rollout.make_generator(model, tok, "hf", live=True)
     gen.sleep()
-    gen.load_weights(common.full_weights(model))  # no-ops: it samples from the trainer's own module
+    gen.load_weights(parallel.full_weights(model))  # no-ops: it samples from the trainer's own module
     assert gen.model is model
 
 
@@ -219,7 +226,7 @@ def test_loss_head_peak_memory_on_cuda_stays_under_the_stated_bound():
     targets = torch.randint(0, v, (n,), device="cuda")
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    outs = [torch.utils.checkpoint.checkpoint(e._chunk_stats, hidden[a:a + chunk], weight, targets[a:a + chunk], k,
+    outs = [torch.utils.checkpoint.checkpoint(loss_head._chunk_stats, hidden[a:a + chunk], weight, targets[a:a + chunk], k,
                                               None, use_reentrant=False) for a in range(0, n, chunk)]
     (torch.cat([o[0] for o in outs]).sum() + torch.cat([o[1] for o in outs]).exp().sum()).backward()
     peak = torch.cuda.max_memory_allocated() - base
@@ -232,17 +239,17 @@ def test_vllm_engine_takes_pushed_weights(tmp_path):
     push (zeros in the head), must change its greedy output; the log-probs come back per token."""
     if importlib_missing("vllm"):
         pytest.skip("vllm is not installed (pip install -r requirements-gpu.txt)")
-    model, tok = common.tiny_random_model()
+    model, tok = tiny.tiny_random_model()
     model.save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
-    gen = common.VLLMGenerator(str(tmp_path), live=True, gpu_memory_utilization=0.2, max_model_len=256)
+    gen = rollout.VLLMGenerator(str(tmp_path), live=True, gpu_memory_utilization=0.2, max_model_len=256)
     prompt = [common.prompt_ids(tok, "hi", thinking=True)]
     before = gen.generate(prompt, temperature=0.0, max_tokens=8)[0][0]
     assert before.logprobs is not None and len(before.logprobs) == len(before.token_ids)
     gen.sleep()
     with torch.no_grad():
         model.model.norm.weight.zero_()  # every logit becomes 0: greedy picks token 0
-    gen.load_weights(common.full_weights(model))
+    gen.load_weights(parallel.full_weights(model))
     after = gen.generate(prompt, temperature=0.0, max_tokens=8)[0][0]
     assert after.token_ids != before.token_ids and set(after.token_ids) == {0}
 

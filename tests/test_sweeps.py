@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 import common
+from tiny import TINY as TINY_MODEL  # noqa: E402
 import exp04_coverage as e4
 from test_exp02 import write_paper_parquet
 
@@ -43,7 +44,7 @@ def test_exp03_sweeps_the_ema_rate(data, answering_model):
 
 
 def test_exp03_rejects_bad_rates(tmp_path):
-    proc = run("exp03_ema_teacher.py", ["--model", "tiny-random", "--ema-rates", "0,fast", "--out-dir", str(tmp_path)])
+    proc = run("exp03_ema_teacher.py", ["--model", TINY_MODEL, "--ema-rates", "0,fast", "--out-dir", str(tmp_path)])
     assert proc.returncode == 2 and "--ema-rates" in proc.stderr and "Traceback" not in proc.stderr
 
 
@@ -65,12 +66,14 @@ def test_exp04_coverage_arms_from_subsets_and_files(data, answering_model):
 
 def test_coverage_sets_are_seeded_subsets_and_fresh_graphs_change_every_step():
     s = e4.Settings(coverages="1,8,fresh")
-    sets = e4.training_sets(s, common.resolve_preset("toy"))
+    import toy_world
+
+    sets = e4.training_sets(s, toy_world)
     assert list(sets) == ["cov1", "cov8", "fresh"] and len(sets["cov8"]) == 8 and sets["fresh"] is None
-    assert sets["cov8"] == e4.training_sets(s, common.resolve_preset("toy"))["cov8"]  # seeded
-    fresh = e4.batches(None, 4, seed=0)
+    assert sets["cov8"] == e4.training_sets(s, toy_world)["cov8"]  # seeded
+    fresh = e4.batches(toy_world, None, 4, seed=0)
     assert len(fresh(1)) == 4 and fresh(1) == fresh(1) and fresh(1) != fresh(2)
-    one = e4.batches(sets["cov1"], 4, seed=0)
+    one = e4.batches(toy_world, sets["cov1"], 4, seed=0)
     assert one(3) == sets["cov1"] * 4  # one question: every prompt of the step is it, each its own group
 
 
@@ -79,7 +82,7 @@ def test_coverage_sets_are_seeded_subsets_and_fresh_graphs_change_every_step():
     ("fresh", "only in the toy world"),
 ])
 def test_bad_coverages_fail_clearly(data, tmp_path, coverages, message):
-    proc = run("exp04_coverage.py", ["--model", "tiny-random", "--train-file", str(data / "train.parquet"),
+    proc = run("exp04_coverage.py", ["--model", TINY_MODEL, "--train-file", str(data / "train.parquet"),
                                      "--coverages", coverages, "--out-dir", str(tmp_path / "o")], timeout=300)
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "o").exists()
@@ -87,6 +90,6 @@ def test_bad_coverages_fail_clearly(data, tmp_path, coverages, message):
 
 def test_empty_coverage_file_fails_clearly(tmp_path):
     write_paper_parquet(tmp_path / "empty.parquet", [])
-    proc = run("exp04_coverage.py", ["--model", "tiny-random", "--train-files", str(tmp_path / "empty.parquet"),
+    proc = run("exp04_coverage.py", ["--model", TINY_MODEL, "--train-files", str(tmp_path / "empty.parquet"),
                                      "--out-dir", str(tmp_path / "o")], timeout=300)
     assert proc.returncode == 2 and "empty.parquet" in proc.stderr and "Traceback" not in proc.stderr
