@@ -39,12 +39,30 @@ def shutdown() -> None:
 atexit.register(shutdown)
 
 
+def _run_chunk(fn, jobs: list[tuple]) -> list[tuple]:
+    return [fn(*job) for job in jobs]
+
+
+def _result(future) -> tuple:
+    """A single item's (ok, status): its worker's answer, or why there is none."""
+    from pebble import ProcessExpired
+
+    try:
+        return future.result()
+    except FutureTimeout:
+        return False, "timeout"
+    except ProcessExpired as e:  # segfault, OOM killer
+        return False, f"error: worker process died ({e})"
+    except Exception as e:  # noqa: BLE001 -- counted by the caller, never silent
+        return False, f"error: {type(e).__name__}: {str(e)[:200]}"
+
+
 def run(fn, jobs: list[tuple], timeout_s: float, workers: int, warm_up, preload: list[str]) -> list[tuple]:
     """[fn(*job) for job in jobs] in worker processes, each job under `timeout_s` seconds of wall
     clock from when a worker picks it up. fn returns (ok, status); a job over time is
     (False, "timeout"), a worker that died or raised (False, "error: ...")."""
     global _POOL, _POOL_KEY
-    from pebble import ProcessExpired, ProcessPool
+    from pebble import ProcessPool
 
     with _LOCK:
         key = (os.getpid(), workers, fn, warm_up)
@@ -59,17 +77,23 @@ def run(fn, jobs: list[tuple], timeout_s: float, workers: int, warm_up, preload:
             _POOL = ProcessPool(max_workers=workers, initializer=_start_worker, initargs=(warm_up,), context=ctx)
             _POOL_KEY = key
         try:
-            futures = [_POOL.schedule(fn, args=job, timeout=timeout_s) for job in jobs]
+            # Chunks of items per task (one task per item costs ~30 % of the throughput); a chunk
+            # has the sum of its items' limits, and a chunk over it is re-run item by item, so an
+            # item is "timeout" only when it alone takes more than timeout_s.
+            size = max(1, min(32, -(-len(jobs) // (4 * workers))))
+            chunks = [jobs[i:i + size] for i in range(0, len(jobs), size)]
+            futures = [_POOL.schedule(fn, args=c[0], timeout=timeout_s) if len(c) == 1 else
+                       _POOL.schedule(_run_chunk, args=(fn, c), timeout=timeout_s * len(c)) for c in chunks]
             out = []
-            for future in futures:
+            for chunk, future in zip(chunks, futures):
+                if len(chunk) == 1:
+                    out.append(_result(future))
+                    continue
                 try:
-                    out.append(future.result())
-                except FutureTimeout:
-                    out.append((False, "timeout"))
-                except ProcessExpired as e:  # segfault, OOM killer
-                    out.append((False, f"error: worker process died ({e})"))
-                except Exception as e:  # noqa: BLE001 -- counted by the caller, never silent
-                    out.append((False, f"error: {type(e).__name__}: {str(e)[:200]}"))
+                    out += future.result()
+                except Exception:  # noqa: BLE001 -- over time or died: each item again, alone
+                    alone = [_POOL.schedule(fn, args=job, timeout=timeout_s) for job in chunk]
+                    out += [_result(f) for f in alone]
             return out
         except BaseException:  # Ctrl-C mid-batch leaves workers busy: start clean next time
             shutdown()
