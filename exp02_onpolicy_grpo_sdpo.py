@@ -33,7 +33,6 @@ Where we depart from the release (also in the README):
 """
 from __future__ import annotations
 
-import copy
 import math
 import random
 import time
@@ -230,6 +229,14 @@ def teacher_messages(user_messages: list[str], responses: list[str], rewards: li
         demo = common.strip_thinking(demo, think_in_prompt) if context == "s_nothink" else demo
         out.append(common.teacher_message(user_messages[g], demo))
     return out
+
+
+def load_teacher(model: str, device: str, cuda: bool):
+    """The SDPO teacher, loaded from the model's files straight into its own dtype: bf16 when the
+    run computes on CUDA (the EMA teacher keeps fp32 shadows beside it), fp32 on the CPU. Not a
+    copy of the fp32 student, which held two fp32 copies per rank before the cast (~66 GB at 8B).
+    `device`: where it loads (the CPU for a sharded run: FSDP moves each shard)."""
+    return common.load_model(model, device=device, dtype=torch.bfloat16 if cuda else torch.float32)[0].eval()
 
 
 @torch.no_grad()
@@ -498,7 +505,7 @@ def train_arm(s: Settings, method: str, context: str, run_dir: str, sample_batch
     main = common.is_main()
     if preset["world"] == "math":  # recompute each decoder layer in backward: activations of 20k-token sequences
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    teacher = copy.deepcopy(student).to(torch.bfloat16 if cuda else torch.float32).eval() if method == "sdpo" else None
+    teacher = load_teacher(s.model, "cpu" if sharded else device, cuda) if method == "sdpo" else None
     for model in (student, teacher):
         if model is not None:
             common.shard_model(model, mixed_precision=cuda)
