@@ -29,7 +29,11 @@ Where we depart from the release (also in the README):
     engine that sleeps during the update and receives the new weights after it (rollout
     correction min(pi_old/pi_rollout, 2); `train/rollout_logprob_gap` logged). The 2-process CPU
     (gloo) update equals the single-process one (tests/test_scale.py); every CUDA and vLLM path
-    is written but has not been run in this repository.
+    is written but has not been run in this repository. The SDPO teacher loads from the model's
+    files in its own dtype (bf16 on CUDA), not as a copy of the fp32 student.
+ 7. The teacher prompt is cut as in the release: over 22,528 tokens (its max_reprompt_len) it
+    keeps its first 22,528 (right truncation; --max-teacher-prompt, 0 = never; the toy world
+    never cuts). The share of samples cut is logged per step (train/teacher_prompt_cut).
 """
 from __future__ import annotations
 
@@ -101,6 +105,9 @@ class Settings:
     """rollout correction clip: min(pi_old/pi_rollout, ...) when the rollout engine is not the trainer"""
     count_no_demo: bool = True
     """SDPO: samples without a demonstration contribute 0 but count in the average (as the release)"""
+    max_teacher_prompt: int | None = None
+    """SDPO: a longer teacher prompt keeps its first this-many tokens, as the release's
+    max_reprompt_len (right truncation); 0 = never cut (None: math 22528, toy 0)"""
     ema_rate: float = 0.0
     """teacher EMA rate tau: theta_T <- (1-tau) theta_T + tau theta_S after each step (0 = frozen initial)"""
     logit_chunk: int = 2048
@@ -132,9 +139,10 @@ class Settings:
 
 
 WORLD_DEFAULTS = {
-    "toy": dict(steps=60, prompts_per_step=16, max_new_tokens=64, topk=0, eval_every=20, eval_k=1, micro_batch_size=64),
+    "toy": dict(steps=60, prompts_per_step=16, max_new_tokens=64, topk=0, eval_every=20, eval_k=1,
+                micro_batch_size=64, max_teacher_prompt=0),
     "math": dict(steps=100, prompts_per_step=256, max_new_tokens=20480, topk=100, eval_every=10, eval_k=16,
-                 micro_batch_size=4),
+                 micro_batch_size=4, max_teacher_prompt=22528),
 }
 LR = {("toy", "grpo"): 2e-4, ("toy", "sdpo"): 2e-4, ("math", "grpo"): 1e-6, ("math", "sdpo"): 1e-5}
 ARMS = [("grpo", "s"), ("sdpo", "s"), ("sdpo", "s_nothink")]
@@ -265,6 +273,25 @@ def _chunk_stats(h, weight, targets, k, ids):
     return tok, logp.gather(-1, ids), entropy, ids
 
 
+def last_hidden_state(model, input_ids, attention_mask) -> torch.Tensor:
+    """The decoder's final-norm hidden states (B, T, H). The root forward runs (not model.model
+    alone) so that FSDP gathers the root's weights (embeddings, norm, head), with logits of the
+    last position only; a hook on the decoder takes its output, so no layer's states are kept
+    beyond the last (output_hidden_states would keep all of them: ~6.5 GB per 21.5k-token
+    sequence at 8B in the teacher's no-grad forward)."""
+    box = []
+
+    def take(module, args, out):
+        box.append(out[0] if isinstance(out, tuple) else out.last_hidden_state)
+
+    handle = model.model.register_forward_hook(take)
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1, use_cache=False)
+    finally:
+        handle.remove()
+    return box[0]
+
+
 def token_stats(model, input_ids, attention_mask, labels, k: int | None, chunk: int, topk_ids=None, grad: bool = True):
     """For the N response tokens (row-major): log-prob of each token, the distribution over the
     top-k ids (the student's own when topk_ids is None, else the given ids; k = 0: the full
@@ -273,10 +300,7 @@ def token_stats(model, input_ids, attention_mask, labels, k: int | None, chunk: 
     targets = labels[:, 1:]  # (B, T-1) position p predicts token p+1
     mask = targets != -100  # (B, T-1)
     with torch.set_grad_enabled(grad), common.bf16_compute(input_ids.device):
-        # The root forward (not model.model) so that FSDP gathers the head's weight; logits of the last position only.
-        out = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1, output_hidden_states=True,
-                    use_cache=False)
-        hidden = out.hidden_states[-1][:, :-1][mask]  # (N, H) final-norm hidden states
+        hidden = last_hidden_state(model, input_ids, attention_mask)[:, :-1][mask]  # (N, H)
         weight, tgt = model.get_output_embeddings().weight, targets[mask]  # (V, H), (N,)
         outs = []
         for a in range(0, len(hidden), chunk):
@@ -347,6 +371,9 @@ def resolve(s: Settings, preset: dict, method: str, vocab: int) -> Settings:
     if common.world_size() > 1 and s.prompts_per_step % groups:
         raise ValueError(f"--prompts-per-step {s.prompts_per_step} must split into --mini-batches x ranks = {groups} "
                          "equal shares of whole groups")
+    if s.max_teacher_prompt < 0:
+        raise ValueError(f"--max-teacher-prompt {s.max_teacher_prompt} must be >= 0 "
+                         "(0: never cut the teacher prompt)")
     if not 0 <= s.ema_rate <= 1:
         raise ValueError(f"--ema-rate {s.ema_rate} must be in [0, 1]")
     if s.topk and s.topk > vocab:
@@ -375,9 +402,21 @@ def collect(s: Settings, method: str, context: str, preset: dict, tokenizer, gen
         msgs = teacher_messages([p["prompt"] for p in batch], [x.text for x in flat], report.correct, s.rollouts,
                                 context, preset["think_in_prompt"])
         out["has_demo"] = torch.tensor([m is not None for m in msgs], dtype=torch.float32)  # (B*n,)
-        out["teacher_seqs"] = [(common.prompt_ids(tokenizer, m, preset["thinking"]) if m else p, r)
-                               for m, (p, r) in zip(msgs, seqs)]
+        full = [common.prompt_ids(tokenizer, m, preset["thinking"]) if m else None for m in msgs]
+        cap = s.max_teacher_prompt
+        out["teacher_cut"] = sum(ids is not None and len(ids) > cap > 0 for ids in full)
+        out["teacher_seqs"] = [(p if ids is None else cut_teacher_prompt(ids, cap), r)
+                               for ids, (p, r) in zip(full, seqs)]
     return out
+
+
+def cut_teacher_prompt(ids: list[int], max_len: int) -> list[int]:
+    """The release's max_reprompt_len with its default right truncation: a teacher prompt over
+    max_len tokens keeps its first max_len (the end of the demonstration, the instruction and the
+    assistant header are lost, as there); 0: unchanged. Rare at the paper's settings: a
+    demonstration is a graded response (<= 20,480 tokens), so only a question plus template
+    over 2,048 tokens gets cut; train/teacher_prompt_cut counts the cut share per step."""
+    return ids[:max_len] if max_len else ids
 
 
 def update(s: Settings, method: str, student, teacher, opt, data: dict, pad: int, epistemic_ids, step: int) -> dict:
@@ -441,6 +480,7 @@ def step_metrics(data: dict, logs: dict, lr: float, method: str) -> dict:
     return {"train/reward": data["rewards"].mean().item(), "train/response_length": float(np.mean(lengths)),
             "train/truncation_rate": epistemic["truncation_rate"], "train/lr": lr,
             "train/demo_fraction": data["has_demo"].mean().item() if method == "sdpo" else 0.0,
+            "train/teacher_prompt_cut": data["teacher_cut"] / len(flat),  # share of this step's samples
             "grader/timeouts": report.timeouts, "grader/errors": report.errors,
             **{f"train/{k}": v for k, v in logs.items()},
             **{f"train/{k}": v for k, v in epistemic.items() if k.startswith("epistemic")}}
@@ -568,10 +608,12 @@ def gather_rollouts(data: dict) -> dict:
     order), for the step's metrics; the rollout engine's log-probs are left behind."""
     parts = common.gather_objects({"flat": [replace(x, logprobs=None) for x in data["flat"]],
                                    "rewards": data["rewards"], "has_demo": data.get("has_demo"),
-                                   "timeouts": data["report"].timeouts, "errors": data["report"].errors})
+                                   "timeouts": data["report"].timeouts, "errors": data["report"].errors,
+                                   "teacher_cut": data.get("teacher_cut", 0)})
     out = {"flat": [x for p in parts for x in p["flat"]], "rewards": torch.cat([p["rewards"] for p in parts]),
            "report": common.GradeReport(correct=[], timeouts=sum(p["timeouts"] for p in parts),
-                                        errors=sum(p["errors"] for p in parts))}
+                                        errors=sum(p["errors"] for p in parts)),
+           "teacher_cut": sum(p["teacher_cut"] for p in parts)}
     if data.get("has_demo") is not None:
         out["has_demo"] = torch.cat([p["has_demo"] for p in parts])
     return out

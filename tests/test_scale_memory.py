@@ -47,3 +47,73 @@ def test_teacher_of_a_cuda_run_is_bf16_and_equals_the_cast_student():
         assert torch.equal(p.to(torch.bfloat16), q), name
     teacher = e.load_teacher("tiny-random", "cpu", cuda=False)
     assert {p.dtype for p in teacher.parameters()} == {torch.float32}
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_last_hidden_state_equals_the_last_of_output_hidden_states(grad):
+    """The hook takes the same (final-norm) values that output_hidden_states[-1] gave, and the
+    teacher forward keeps nothing else: token_stats' outputs are unchanged."""
+    model, tok = common.tiny_random_model()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    pairs = [([5, 6, 7], [8, 9, 10, 11]), ([12, 13], [14, 15, 16])]
+    ids, att, lab = common.pack_sequences(pairs, tok.pad_token_id)
+    model.train(grad)
+    with torch.set_grad_enabled(grad):
+        out = model(input_ids=ids, attention_mask=att, output_hidden_states=True, use_cache=False)
+        ref = out.hidden_states
+        got = e.last_hidden_state(model, ids, att)
+    assert len(ref) == model.config.num_hidden_layers + 1
+    assert torch.equal(got, ref[-1]) and got.requires_grad == grad
+    assert not torch.equal(ref[-1], ref[-2])  # the comparison tells the last state from the others
+    assert not model.model._forward_hooks  # the hook is removed
+
+
+def test_full_weights_cast_before_gathering_equals_cast_after():
+    """Single process: no DTensor, the same tensors as the state dict cast to bf16 (the 2-process
+    FSDP2 check is in tests/test_scale.py's worker)."""
+    model, _ = common.tiny_random_model()
+    got = dict(common.full_weights(model))
+    ref = model.state_dict()
+    assert list(got) == list(ref)
+    for k, v in ref.items():
+        assert got[k].dtype == torch.bfloat16 and torch.equal(got[k], v.to(torch.bfloat16)), k
+
+
+def test_teacher_prompt_cut_keeps_the_first_tokens_and_defaults_by_world():
+    assert e.cut_teacher_prompt(list(range(10)), 4) == [0, 1, 2, 3]  # right truncation, as the release
+    assert e.cut_teacher_prompt(list(range(10)), 0) == list(range(10))
+    assert e.cut_teacher_prompt(list(range(3)), 4) == [0, 1, 2]
+    math_preset, toy_preset = common.resolve_preset("tiny-random"), common.resolve_preset("toy")
+    assert e.resolve(e.Settings(), math_preset, "sdpo", vocab=300).max_teacher_prompt == 22528
+    assert e.resolve(e.Settings(), toy_preset, "sdpo", vocab=79).max_teacher_prompt == 0
+    with pytest.raises(ValueError, match="max-teacher-prompt"):
+        e.resolve(e.Settings(max_teacher_prompt=-1), math_preset, "sdpo", vocab=300)
+
+
+def test_collect_cuts_long_teacher_prompts_and_counts_them(monkeypatch):
+    """collect() on the math code path: with a cap below the teacher prompt's length every
+    teacher sequence keeps the first `cap` prompt tokens (then the response), and the cut share
+    is counted; without a cap the prompts are whole."""
+    model, tok = common.tiny_random_model()
+    preset = dict(common.resolve_preset("tiny-random"))
+    real = common.grade_responses
+
+    def half_right(responses, golds, preset, timeout_s=5.0):
+        report = real(responses, golds, preset, timeout_s)
+        report.correct = [i % 2 == 0 for i in range(len(responses))]
+        return report
+
+    monkeypatch.setattr(common, "grade_responses", half_right)
+    batch = [{"prompt": "What is 1+1?", "gold": "2"}]
+    gen = common.make_generator(model, tok, "hf")
+    whole = e.collect(e.Settings(rollouts=4, max_new_tokens=6, max_teacher_prompt=0), "sdpo", "s", preset, tok,
+                      gen, batch, step=1)
+    lengths = [len(p) for p, _ in whole["teacher_seqs"]]
+    assert whole["teacher_cut"] == 0 and min(lengths) > 20
+    cap = min(lengths) - 5
+    cut = e.collect(e.Settings(rollouts=4, max_new_tokens=6, max_teacher_prompt=cap), "sdpo", "s", preset, tok,
+                    gen, batch, step=1)
+    assert cut["teacher_cut"] == 4
+    for (p, r), (pw, rw) in zip(cut["teacher_seqs"], whole["teacher_seqs"]):
+        assert p == pw[:cap] and r == rw
+
