@@ -439,8 +439,11 @@ def shard_model(model, mixed_precision: bool) -> None:
     """FSDP2 (`fully_shard`) over all ranks: each decoder layer, then the root (embeddings, final
     norm, head). With mixed_precision, parameters are all-gathered in bf16 for compute and
     gradients reduce-scattered in fp32, while the sharded parameters (and so the optimizer's
-    master weights) keep their own dtype. Single process: nothing."""
-    if world_size() == 1:
+    master weights) keep their own dtype. No process group (a single process): nothing; a
+    1-rank group (gpu_check.py) shards over that one rank."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
         return
     import warnings
 

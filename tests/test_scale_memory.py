@@ -1,6 +1,7 @@
 """Memory at scale (issue 11, findings 5 and 9): the SDPO teacher loads once in its own dtype
 (no fp32 copy of the student), the teacher forward keeps only the last hidden state, and the
 teacher prompt is cut at --max-teacher-prompt tokens."""
+
 import sys
 from pathlib import Path
 
@@ -29,11 +30,25 @@ def test_teacher_loads_once_in_its_dtype_and_the_student_is_not_copied(tiny_data
 
     monkeypatch.setattr(common, "load_model", recording)
     monkeypatch.setattr(torch.nn.Module, "__deepcopy__", _no_module_deepcopy, raising=False)
-    s = e.Settings(model="tiny-random", steps=1, prompts_per_step=2, rollouts=2, max_new_tokens=4, eval_k=1,
-                   train_file=str(tiny_data / "train.parquet"), data_dir=str(tiny_data), topk=8,
-                   threads=1, micro_batch_size=4, device="cpu", checkpoint_every=0)
+    s = e.Settings(
+        model="tiny-random",
+        steps=1,
+        prompts_per_step=2,
+        rollouts=2,
+        max_new_tokens=4,
+        eval_k=1,
+        train_file=str(tiny_data / "train.parquet"),
+        data_dir=str(tiny_data),
+        topk=8,
+        threads=1,
+        micro_batch_size=4,
+        device="cpu",
+        checkpoint_every=0,
+    )
     e.train_arm(s, "sdpo", "s", str(tiny_data / "sdpo"))
-    assert loads == [("tiny-random", "cpu", torch.float32)] * 2  # student, then teacher: fp32 on the CPU
+    assert (
+        loads == [("tiny-random", "cpu", torch.float32)] * 2
+    )  # student, then teacher: fp32 on the CPU
     loads.clear()
     e.train_arm(s, "grpo", "s", str(tiny_data / "grpo"))
     assert loads == [("tiny-random", "cpu", torch.float32)]  # GRPO: no teacher at all
@@ -41,7 +56,9 @@ def test_teacher_loads_once_in_its_dtype_and_the_student_is_not_copied(tiny_data
 
 def test_teacher_of_a_cuda_run_is_bf16_and_equals_the_cast_student():
     student = common.load_model("tiny-random", device="cpu", dtype=torch.float32)[0]
-    teacher = e.load_teacher("tiny-random", "cpu", cuda=True)  # loaded on the CPU, as a sharded run does
+    teacher = e.load_teacher(
+        "tiny-random", "cpu", cuda=True
+    )  # loaded on the CPU, as a sharded run does
     assert {p.dtype for p in teacher.parameters()} == {torch.bfloat16} and not teacher.training
     for (name, p), q in zip(student.named_parameters(), teacher.parameters()):
         assert torch.equal(p.to(torch.bfloat16), q), name
@@ -80,7 +97,12 @@ def test_full_weights_cast_before_gathering_equals_cast_after():
 
 
 def test_teacher_prompt_cut_keeps_the_first_tokens_and_defaults_by_world():
-    assert e.cut_teacher_prompt(list(range(10)), 4) == [0, 1, 2, 3]  # right truncation, as the release
+    assert e.cut_teacher_prompt(list(range(10)), 4) == [
+        0,
+        1,
+        2,
+        3,
+    ]  # right truncation, as the release
     assert e.cut_teacher_prompt(list(range(10)), 0) == list(range(10))
     assert e.cut_teacher_prompt(list(range(3)), 4) == [0, 1, 2]
     math_preset, toy_preset = common.resolve_preset("tiny-random"), common.resolve_preset("toy")
@@ -106,14 +128,29 @@ def test_collect_cuts_long_teacher_prompts_and_counts_them(monkeypatch):
     monkeypatch.setattr(common, "grade_responses", half_right)
     batch = [{"prompt": "What is 1+1?", "gold": "2"}]
     gen = common.make_generator(model, tok, "hf")
-    whole = e.collect(e.Settings(rollouts=4, max_new_tokens=6, max_teacher_prompt=0), "sdpo", "s", preset, tok,
-                      gen, batch, step=1)
+    whole = e.collect(
+        e.Settings(rollouts=4, max_new_tokens=6, max_teacher_prompt=0),
+        "sdpo",
+        "s",
+        preset,
+        tok,
+        gen,
+        batch,
+        step=1,
+    )
     lengths = [len(p) for p, _ in whole["teacher_seqs"]]
     assert whole["teacher_cut"] == 0 and min(lengths) > 20
     cap = min(lengths) - 5
-    cut = e.collect(e.Settings(rollouts=4, max_new_tokens=6, max_teacher_prompt=cap), "sdpo", "s", preset, tok,
-                    gen, batch, step=1)
+    cut = e.collect(
+        e.Settings(rollouts=4, max_new_tokens=6, max_teacher_prompt=cap),
+        "sdpo",
+        "s",
+        preset,
+        tok,
+        gen,
+        batch,
+        step=1,
+    )
     assert cut["teacher_cut"] == 4
     for (p, r), (pw, rw) in zip(cut["teacher_seqs"], whole["teacher_seqs"]):
         assert p == pw[:cap] and r == rw
-

@@ -8,6 +8,7 @@ the template's special tokens added; for DeepSeek it also prepends BOS when aske
 tokens, as DeepSeek's tokenizer does (`add_bos_token`). Expected strings are the README's
 reference renders. Skips cleanly when ../shared is absent.
 """
+
 import sys
 from pathlib import Path
 
@@ -36,7 +37,9 @@ def template(name: str) -> str:
 
 
 def qwen3_tokenizer(name: str = "qwen3.jinja"):
-    _, tok = common.tiny_random_model()  # <|im_start|>, <|im_end|>, <|endoftext|>, <think>, </think>
+    _, tok = (
+        common.tiny_random_model()
+    )  # <|im_start|>, <|im_end|>, <|endoftext|>, <think>, </think>
     tok.chat_template = template(name)
     return tok
 
@@ -46,11 +49,17 @@ def r1_tokenizer(name: str = R1):
 
     _, tok = common.tiny_random_model()  # has <think> and </think> as added tokens, as DeepSeek's
     tok.chat_template = template(name)
-    tok.add_special_tokens({"bos_token": BOS, "eos_token": EOS,
-                            "additional_special_tokens": ["<｜User｜>", "<｜Assistant｜>"]})
+    tok.add_special_tokens(
+        {
+            "bos_token": BOS,
+            "eos_token": EOS,
+            "additional_special_tokens": ["<｜User｜>", "<｜Assistant｜>"],
+        }
+    )
     bos_id = tok.convert_tokens_to_ids(BOS)
-    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(single=f"{BOS} $A",
-                                                                         special_tokens=[(BOS, bos_id)])
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", special_tokens=[(BOS, bos_id)]
+    )
     return tok
 
 
@@ -63,7 +72,11 @@ def test_qwen3_student_prompt_thinking_on_and_off(name):
     assert not common.opens_think_in_prompt(tok)
     ids = common.prompt_ids(tok, Q, thinking=False)
     tokens = tok.convert_ids_to_tokens(ids)
-    assert tokens[0] == "<|im_start|>" and tokens.count("<|im_start|>") == 2 and tokens.count("<|im_end|>") == 1
+    assert (
+        tokens[0] == "<|im_start|>"
+        and tokens.count("<|im_start|>") == 2
+        and tokens.count("<|im_end|>") == 1
+    )
     assert tokens.count("<think>") == 1 and tokens.count("</think>") == 1  # single added tokens
     assert tok.decode(ids) == common.prompt_text(tok, Q, thinking=False)
 
@@ -74,12 +87,21 @@ def test_qwen3_teacher_prompt_keeps_the_demonstration_and_the_instruction(thinki
     message = common.teacher_message(Q, SOLUTION)
     text = common.prompt_text(tok, message, thinking)
     closing = "<think>\n\n</think>\n\n" if not thinking else ""
-    assert text == (f"<|im_start|>user\n{Q}\nCorrect solution:\n\n{SOLUTION}\n\nCorrectly solve the original "
-                    f"question.<|im_end|>\n<|im_start|>assistant\n{closing}")
+    assert text == (
+        f"<|im_start|>user\n{Q}\nCorrect solution:\n\n{SOLUTION}\n\nCorrectly solve the original "
+        f"question.<|im_end|>\n<|im_start|>assistant\n{closing}"
+    )
     # c = s\think: the demonstration without its thinking, in the same frame
-    msgs = e.teacher_messages([Q], ["x", SOLUTION], [0.0, 1.0], n=2, context="s_nothink", think_in_prompt=False)
-    assert msgs[1] is None and "<think>" not in msgs[0] and msgs[0].endswith(
-        "Correct solution:\n\n\\boxed{4}\n\nCorrectly solve the original question.")
+    msgs = e.teacher_messages(
+        [Q], ["x", SOLUTION], [0.0, 1.0], n=2, context="s_nothink", think_in_prompt=False
+    )
+    assert (
+        msgs[1] is None
+        and "<think>" not in msgs[0]
+        and msgs[0].endswith(
+            "Correct solution:\n\n\\boxed{4}\n\nCorrectly solve the original question."
+        )
+    )
 
 
 @pytest.mark.parametrize("thinking", [True, False])
@@ -88,8 +110,10 @@ def test_r1_distill_prompt_opens_think_and_ignores_enable_thinking(thinking):
     assert common.prompt_text(tok, Q, thinking) == f"{BOS}<｜User｜>{Q}<｜Assistant｜><think>\n"
     assert common.opens_think_in_prompt(tok)
     teacher = common.prompt_text(tok, common.teacher_message(Q, "\\boxed{4}"), thinking)
-    assert teacher == (f"{BOS}<｜User｜>{Q}\nCorrect solution:\n\n\\boxed{{4}}\n\nCorrectly solve the original "
-                       f"question.<｜Assistant｜><think>\n")
+    assert teacher == (
+        f"{BOS}<｜User｜>{Q}\nCorrect solution:\n\n\\boxed{{4}}\n\nCorrectly solve the original "
+        f"question.<｜Assistant｜><think>\n"
+    )
 
 
 def test_r1_distill_original_template_does_not_open_think():
@@ -108,7 +132,10 @@ def test_r1_distill_prompt_ids_have_one_bos_not_two():
     for message in (Q, common.teacher_message(Q, SOLUTION)):
         ids = common.prompt_ids(tok, message, True)
         assert ids[0] == bos and ids.count(bos) == 1
-        assert tok.convert_ids_to_tokens(ids[-2:]) == ["<think>", "Ċ"]  # ends inside the opened block
+        assert tok.convert_ids_to_tokens(ids[-2:]) == [
+            "<think>",
+            "Ċ",
+        ]  # ends inside the opened block
 
 
 def test_a_local_model_with_the_r1_template_is_detected_as_thinking_in_the_prompt(tmp_path):
