@@ -71,7 +71,7 @@ def cli(main_fn, argv=None):
     instead of a traceback."""
     try:
         result = main_fn(argv)
-        shutdown_distributed()
+        shutdown_distributed(exit_code=0)  # under torchrun: ends this process here, with status 0
         return result
     except (ValueError, FileExistsError, FileNotFoundError, SetupError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -360,15 +360,32 @@ def init_distributed(device: str) -> str:
     return device
 
 
-def shutdown_distributed() -> None:
+def shutdown_distributed(exit_code: int | None = None) -> None:
     """After a run that succeeded on every rank: end the process group together. The barrier keeps
-    a rank from tearing down its connections while a peer still uses them (gloo then aborts the
-    peer at exit, "terminate called without an active exception"). No-op without torchrun."""
+    a rank from tearing down its connections while a peer still uses them. No-op without a
+    process group.
+
+    With `exit_code`, the process then ends at once (os._exit, after closing the grader pool and
+    flushing output), skipping the interpreter's teardown: FSDP2 keeps references to the process
+    group (its device mesh, its shard group), so destroy_process_group does not free it and gloo's
+    threads (gloo_tcp_loop, pt_gloo_runloop) outlive it into the interpreter's finalization,
+    where a rank aborted now and then after its output was complete ("terminate called without an
+    active exception", SIGABRT; the likely path: a C++ thread that needs the GIL during
+    finalization is ended by pthread_exit, whose unwinding through C++ calls std::terminate).
+    Without FSDP2 the same destroy ends those threads."""
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    dist.barrier()
+    dist.destroy_process_group()
+    if exit_code is None:
+        return
+    _shutdown_pool()  # what atexit would have done
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(exit_code)
 
 
 def world_size() -> int:

@@ -545,10 +545,10 @@ def train_arm(s: Settings, method: str, context: str, run_dir: str, sample_batch
     main = common.is_main()
     if preset["world"] == "math":  # recompute each decoder layer in backward: activations of 20k-token sequences
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    common.shard_model(student, mixed_precision=cuda)  # a sharded run frees its host copy here...
     teacher = load_teacher(s.model, "cpu" if sharded else device, cuda) if method == "sdpo" else None
-    for model in (student, teacher):
-        if model is not None:
-            common.shard_model(model, mixed_precision=cuda)
+    if teacher is not None:  # ...so the host holds one model at a time (fp32 student, then bf16 teacher)
+        common.shard_model(teacher, mixed_precision=cuda)
     teacher_fp32 = [p.detach().float().clone() for p in student.parameters()] if teacher and s.ema_rate else []
     opt = torch.optim.AdamW(student.parameters(), lr=s.lr, betas=(0.9, 0.999), weight_decay=s.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / s.warmup_steps))

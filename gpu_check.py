@@ -331,7 +331,7 @@ def main(argv=None) -> dict:
         f"[gpu_check] ok={result['ok']} in {result['total_seconds']:.0f} s -> {args.out}",
         flush=True,
     )
-    common.shutdown_distributed()
+    common.shutdown_distributed()  # the 1-rank group: no process exit here
     return result
 
 

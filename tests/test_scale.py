@@ -95,7 +95,7 @@ def worker(out_file: str) -> None:
     results = {method: one_step(method) for method in ("grpo", "sdpo")}
     if common.is_main():
         torch.save(results, out_file)
-    common.shutdown_distributed()
+    common.shutdown_distributed(exit_code=0)
 
 
 def torchrun(args: list[str], timeout: int = 240) -> str:
