@@ -1,6 +1,7 @@
-"""Memory at scale (issue 11, findings 5 and 9): the SDPO teacher loads once in its own dtype
+"""Issue 11, findings 5, 9 and 10: the SDPO teacher loads once in its own dtype
 (no fp32 copy of the student), the teacher forward keeps only the last hidden state, and the
-teacher prompt is cut at --max-teacher-prompt tokens."""
+teacher prompt is cut at --max-teacher-prompt tokens; a torchrun rank ends without the
+interpreter's teardown."""
 
 import sys
 from pathlib import Path
@@ -154,3 +155,24 @@ def test_collect_cuts_long_teacher_prompts_and_counts_them(monkeypatch):
     assert cut["teacher_cut"] == 4
     for (p, r), (pw, rw) in zip(cut["teacher_seqs"], whole["teacher_seqs"]):
         assert p == pw[:cap] and r == rw
+
+
+def test_shutdown_distributed_with_exit_code_ends_the_process_after_flushing(tmp_path):
+    """Finding 10: a rank ends with os._exit right after destroying its process group (no
+    interpreter teardown with gloo threads alive), its output flushed and its status kept."""
+    import subprocess
+
+    script = tmp_path / "rank.py"
+    script.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "import torch.distributed as dist\n"
+        "import common\n"
+        "dist.init_process_group('gloo', init_method='tcp://127.0.0.1:0', rank=0, world_size=1)\n"
+        "print('table', end='')\n"
+        "common.shutdown_distributed(exit_code=3)\n"
+        "print('not reached')\n"
+    )
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3 and proc.stdout == "table", (proc.stdout, proc.stderr[-2000:])
+    common.shutdown_distributed(exit_code=0)  # no process group here: a no-op, the test goes on
