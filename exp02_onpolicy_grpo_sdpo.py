@@ -244,7 +244,8 @@ def load_teacher(model: str, device: str, cuda: bool):
     run computes on CUDA (the EMA teacher keeps fp32 shadows beside it), fp32 on the CPU. Not a
     copy of the fp32 student, which held two fp32 copies per rank before the cast (~66 GB at 8B).
     `device`: where it loads (the CPU for a sharded run: FSDP moves each shard)."""
-    return common.load_model(model, device=device, dtype=torch.bfloat16 if cuda else torch.float32)[0].eval()
+    dtype = torch.bfloat16 if cuda else torch.float32
+    return common.load_model(model, device=device, dtype=dtype)[0].eval()
 
 
 @torch.no_grad()
@@ -480,7 +481,7 @@ def step_metrics(data: dict, logs: dict, lr: float, method: str) -> dict:
     return {"train/reward": data["rewards"].mean().item(), "train/response_length": float(np.mean(lengths)),
             "train/truncation_rate": epistemic["truncation_rate"], "train/lr": lr,
             "train/demo_fraction": data["has_demo"].mean().item() if method == "sdpo" else 0.0,
-            "train/teacher_prompt_cut": data["teacher_cut"] / len(flat),  # share of this step's samples
+            "train/teacher_prompt_cut": data["teacher_cut"] / len(flat),  # share of the samples
             "grader/timeouts": report.timeouts, "grader/errors": report.errors,
             **{f"train/{k}": v for k, v in logs.items()},
             **{f"train/{k}": v for k, v in epistemic.items() if k.startswith("epistemic")}}
@@ -545,9 +546,12 @@ def train_arm(s: Settings, method: str, context: str, run_dir: str, sample_batch
     main = common.is_main()
     if preset["world"] == "math":  # recompute each decoder layer in backward: activations of 20k-token sequences
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    common.shard_model(student, mixed_precision=cuda)  # a sharded run frees its host copy here...
-    teacher = load_teacher(s.model, "cpu" if sharded else device, cuda) if method == "sdpo" else None
-    if teacher is not None:  # ...so the host holds one model at a time (fp32 student, then bf16 teacher)
+    # Shard the student first: a sharded run frees its host copy before the teacher loads, so the
+    # host holds one model at a time (the fp32 student, then the bf16 teacher).
+    common.shard_model(student, mixed_precision=cuda)
+    teacher = None
+    if method == "sdpo":
+        teacher = load_teacher(s.model, "cpu" if sharded else device, cuda)
         common.shard_model(teacher, mixed_precision=cuda)
     teacher_fp32 = [p.detach().float().clone() for p in student.parameters()] if teacher and s.ema_rate else []
     opt = torch.optim.AdamW(student.parameters(), lr=s.lr, betas=(0.9, 0.999), weight_decay=s.weight_decay)
