@@ -10,9 +10,11 @@ after every part, so a killed run keeps what finished; parts are skipped once --
  a. fsdp_equals_unsharded: exp02's update (GRPO and SDPO) of a Qwen3-1.7B-width model (2
     layers, the real vocabulary) with fp32 master weights and bf16 compute, sharded by FSDP2
     over a 1-rank process group (mixed-precision policy: bf16 gathers, fp32 reduction) against
-    the same update unsharded (bf16 autocast). Both compute in bf16, differently rounded, so the
-    tolerance is bf16's: gradients' cosine >= 0.999 and relative L2 gap <= 0.05; losses within
-    1% (on the CPU, fp32 on both sides: 1e-5).
+    the same update unsharded (bf16 autocast). Both compute in bf16 but round differently (FSDP2
+    casts every parameter, embeddings and norms included, so the residual stream is bf16;
+    autocast keeps them fp32 outside matmuls), so the tolerance is bf16's, chosen without a GPU
+    to measure it: gradients' cosine >= 0.995 and relative L2 gap <= 0.1; losses within 2% (of
+    at least 1e-3: GRPO's first-step loss is ~0). On the CPU (fp32 on both sides): 1e-4.
  b. loss_head_cuda_peak: exp02's chunked loss head on 20,480 response tokens, vocabulary
     151,936, hidden 2048: CUDA peak against the README's bound.
  c. update: exp02's update at Qwen3-1.7B size (28 layers, random weights) on 8 sequences of
@@ -127,6 +129,7 @@ class RecordingAdamW(torch.optim.AdamW):
                 common.full_tensor(p.grad).detach().float().clone()
                 for group in self.param_groups
                 for p in group["params"]
+                if p.grad is not None
             ]
         )
         return super().step(closure)
@@ -167,7 +170,7 @@ def compare_updates(args, device: str) -> dict:
     """Part a: the sharded update against the unsharded one, per method."""
     cuda = device.startswith("cuda")
     tol = (
-        dict(cosine=0.999, rel_l2=0.05, loss_rel=0.01)
+        dict(cosine=0.995, rel_l2=0.1, loss_rel=0.02)
         if cuda
         else dict(cosine=1 - 1e-6, rel_l2=1e-4, loss_rel=1e-5)
     )
@@ -183,7 +186,8 @@ def compare_updates(args, device: str) -> dict:
         g_got = torch.cat([g.flatten() for g in got["grads"]])
         cosine = torch.nn.functional.cosine_similarity(g_ref, g_got, dim=0).item()
         rel_l2 = ((g_got - g_ref).norm() / g_ref.norm()).item()
-        loss_rel = abs(got["loss"] - ref["loss"]) / max(abs(ref["loss"]), 1e-12)
+        # GRPO's first-step loss is ~0 (ratio 1, zero-mean advantages): relative to >= 1e-3
+        loss_rel = abs(got["loss"] - ref["loss"]) / max(abs(ref["loss"]), 1e-3)
         out[method] = {
             "loss_unsharded": ref["loss"],
             "loss_fsdp2": got["loss"],
