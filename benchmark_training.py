@@ -95,20 +95,29 @@ def synthetic_data(args, vocab: int) -> dict:
             "rewards": torch.tensor([float(i % 2) for i in range(args.batch)]), "has_demo": torch.ones(args.batch)}
 
 
+def rollouts_of(data: dict) -> "exp02.Rollouts":
+    """The synthetic batch as exp02.update takes it."""
+    return exp02.Rollouts(samples=data["flat"], rewards=data["rewards"], grader=common.GradeReport(correct=[]),
+                          seqs=data["seqs"], teacher_seqs=data["teacher_seqs"], has_demo=data["has_demo"])
+
+
+def update_settings(args) -> "exp02.Settings":
+    """exp02's settings for one update of the synthetic batch (one mini-batch)."""
+    return exp02.Settings(model=args.preset, prompts_per_step=args.batch // args.rollouts,
+                          rollouts=args.rollouts, mini_batches=1, micro_batch_size=args.micro_batch,
+                          topk=args.topk, logit_chunk=args.logit_chunk, lr=1e-6)
+
+
 def bench_update(args, method, student, teacher, data, pad, device) -> dict:
-    s = exp02.Settings(model=args.preset, prompts_per_step=args.batch // args.rollouts, rollouts=args.rollouts,
-                       mini_batches=1, micro_batch_size=args.micro_batch, topk=args.topk, logit_chunk=args.logit_chunk,
-                       lr=1e-6)
+    s = update_settings(args)
     opt = torch.optim.AdamW(student.parameters(), lr=s.lr)
     epistemic = torch.zeros(student.get_output_embeddings().weight.shape[0], dtype=torch.bool, device=device)
     times = []
     for i in range(args.warmup + args.steps):
         sync(device)
         t0 = time.perf_counter()
-        rollouts = exp02.Rollouts(samples=data["flat"], rewards=data["rewards"], grader=common.GradeReport(correct=[]),
-                                  seqs=data["seqs"], teacher_seqs=data["teacher_seqs"], has_demo=data["has_demo"])
         exp02.update(dataclasses.replace(s, method=method), student=student, teacher=teacher, opt=opt,
-                     rollouts=rollouts, pad_id=pad, epistemic_ids=epistemic, step=i + 1)
+                     rollouts=rollouts_of(data), pad_id=pad, epistemic_ids=epistemic, step=i + 1)
         sync(device)
         times.append(time.perf_counter() - t0)
     seconds = sum(times[args.warmup:]) / args.steps
@@ -199,6 +208,30 @@ def loss_head(args) -> dict:
             "peak_rss_increase_bytes": peak, "chunk_x_vocab_fp32_bytes": chunk_vocab_fp32,
             "peak_in_chunk_x_vocab_buffers": peak / chunk_vocab_fp32,
             "unchunked_logits_fp32_bytes": n * v * 4, "seconds": time.perf_counter() - t0}
+
+
+def loss_head_cuda_peak(tokens: int, vocab: int, hidden: int, topk: int, chunk: int) -> dict:
+    """CUDA peak memory of exp02's chunked loss head (forward + backward, fp32) beyond its inputs,
+    against the README's bound: 6 fp32 (chunk x V) buffers + the head's and the hidden states'
+    gradients."""
+    torch.manual_seed(0)
+    h = torch.randn(tokens, hidden, device="cuda", requires_grad=True)
+    weight = (0.02 * torch.randn(vocab, hidden, device="cuda")).requires_grad_()
+    targets = torch.randint(0, vocab, (tokens,), device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    t0 = time.perf_counter()
+    outs = [torch.utils.checkpoint.checkpoint(loss_head._chunk_stats, h[a:a + chunk], weight,
+                                              targets[a:a + chunk], topk, None, use_reentrant=False)
+            for a in range(0, tokens, chunk)]
+    (torch.cat([o[0] for o in outs]).sum() + torch.cat([o[1] for o in outs]).exp().sum()).backward()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    bound = 6 * min(chunk, tokens) * vocab * 4 + 2 * vocab * hidden * 4 + tokens * hidden * 4
+    return {"tokens": tokens, "vocab": vocab, "hidden_size": hidden, "topk": topk, "chunk": chunk,
+            "peak_bytes": peak, "bound_bytes": bound, "within_bound": peak < bound,
+            "unchunked_logits_fp32_bytes": tokens * vocab * 4, "seconds": time.perf_counter() - t0}
 
 
 def sync(device: str) -> None:

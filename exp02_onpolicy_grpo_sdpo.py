@@ -26,10 +26,14 @@ Where we depart from the release (also in the README):
  6. Scale-up (README "Scaling up", code in infra/): `torchrun` shards student and teacher with
     FSDP2, each rank taking its share of every mini-batch; `--backend vllm` samples from a
     colocated vLLM engine that sleeps during the update and receives the new weights after it
-    (rollout correction min(pi_old/pi_rollout, 2); `train/rollout_logprob_gap` logged).
+    (rollout correction min(pi_old/pi_rollout, 2); `train/rollout_logprob_gap` logged). The SDPO
+    teacher loads from the model's files in its own dtype (bf16 on CUDA), not as a copy of the
+    fp32 student.
+ 7. The teacher prompt is cut as in the release: over 22,528 tokens (its max_reprompt_len) it
+    keeps its first 22,528 (right truncation; --max-teacher-prompt, 0 = never; the toy world
+    never cuts). The share of samples cut is logged per step (train/teacher_prompt_cut).
 """
 
-import copy
 import importlib
 import json
 import math
@@ -82,6 +86,9 @@ class Settings:
     rollout_is_clip: float = arg(2.0, "rollout correction clip: min(pi_old/pi_rollout, ...) when the "
                                       "rollout engine is not the trainer")
     count_no_demo: bool = arg(True, "SDPO: samples without a demonstration count in the average")
+    max_teacher_prompt: int | None = arg(None, "SDPO: a longer teacher prompt keeps its first this-many "
+                                         "tokens (the release's max_reprompt_len); 0 = never cut",
+                                         toy=0, math=22528)
     ema_rate: float = arg(0.0, "teacher EMA rate tau (0 = the frozen initial teacher)")
     logit_chunk: int = arg(2048, "response positions per chunk of the loss head (memory bound)")
     eval_every: int | None = arg(None, "steps between evaluations", toy=20, math=10)
@@ -225,6 +232,7 @@ class Rollouts:
     seqs: list[tuple[list[int], list[int]]]  # (prompt ids, response ids): the student's view
     teacher_seqs: list[tuple[list[int], list[int]]] | None = None  # SDPO: (teacher prompt, response)
     has_demo: torch.Tensor | None = None  # (B'*n,) SDPO: 1.0 = a peer demonstration exists
+    teacher_cut: int = 0  # SDPO: teacher prompts cut at --max-teacher-prompt
 
 
 def rollout(s: Settings, world, preset: dict, tokenizer, generator, batch: list[dict], step: int) -> Rollouts:
@@ -246,8 +254,27 @@ def add_teacher_context(s: Settings, r: Rollouts, preset: dict, tokenizer, batch
     msgs = teacher_messages([p["prompt"] for p in batch], [x.text for x in r.samples], r.grader.correct,
                             s.rollouts, s.teacher_context, preset["think_in_prompt"])
     r.has_demo = torch.tensor([m is not None for m in msgs], dtype=torch.float32)  # (B'*n,)
-    r.teacher_seqs = [(common.prompt_ids(tokenizer, m, preset["thinking"]) if m else p, resp)
-                      for m, (p, resp) in zip(msgs, r.seqs)]
+    full = [common.prompt_ids(tokenizer, m, preset["thinking"]) if m else None for m in msgs]
+    cap = s.max_teacher_prompt
+    r.teacher_cut = sum(ids is not None and len(ids) > cap > 0 for ids in full)
+    r.teacher_seqs = [(p if ids is None else cut_teacher_prompt(ids, cap), resp)
+                      for ids, (p, resp) in zip(full, r.seqs)]
+
+
+def cut_teacher_prompt(ids: list[int], max_len: int) -> list[int]:
+    """The release's max_reprompt_len with its default right truncation: a teacher prompt over
+    max_len tokens keeps its first max_len (the end of the demonstration, the instruction and the
+    assistant header are lost, as there); 0: unchanged. Rare at the paper's settings: only a
+    question plus template over 2,048 tokens gets cut (train/teacher_prompt_cut counts them)."""
+    return ids[:max_len] if max_len else ids
+
+
+def load_teacher(model: str, device: str, cuda: bool):
+    """The SDPO teacher, loaded from the model's files straight into its own dtype: bf16 when the
+    run computes on CUDA (the EMA teacher keeps fp32 shadows beside it), fp32 on the CPU. Not a
+    copy of the fp32 student (two fp32 copies per rank before the cast: ~66 GB at 8B). `device`:
+    where it loads (the CPU for a sharded run: FSDP moves each shard)."""
+    return common.load_model(model, device=device, dtype=torch.bfloat16 if cuda else torch.float32)[0].eval()
 
 
 def update(s: Settings, *, student, teacher, opt, rollouts: Rollouts, pad_id: int, epistemic_ids,
@@ -313,7 +340,8 @@ def update(s: Settings, *, student, teacher, opt, rollouts: Rollouts, pad_id: in
 def step_metrics(r: Rollouts, logs: dict, lr: float) -> dict:
     """The step's training metrics from every rank's rollouts (gathered) and the update's logs."""
     parts = parallel.gather_objects((r.rewards, r.has_demo, r.grader.timeouts, r.grader.errors,
-                                     [(x.text, len(x.token_ids), x.finish_reason) for x in r.samples]))
+                                     [(x.text, len(x.token_ids), x.finish_reason) for x in r.samples],
+                                     r.teacher_cut))
     texts, lengths, reasons = zip(*[x for p in parts for x in p[4]])
     epistemic = common.response_metrics(list(texts), list(lengths), list(reasons))
     demo = [p[1] for p in parts if p[1] is not None]
@@ -321,6 +349,7 @@ def step_metrics(r: Rollouts, logs: dict, lr: float) -> dict:
             "train/response_length": float(np.mean(lengths)),
             "train/truncation_rate": epistemic["truncation_rate"], "train/lr": lr,
             "train/demo_fraction": torch.cat(demo).mean().item() if demo else 0.0,
+            "train/teacher_prompt_cut": sum(p[5] for p in parts) / len(texts),  # share of the samples
             "grader/timeouts": sum(p[2] for p in parts), "grader/errors": sum(p[3] for p in parts),
             **{f"train/{k}": v for k, v in logs.items()},
             **{f"train/{k}": v for k, v in epistemic.items() if k.startswith("epistemic")}}
@@ -376,6 +405,8 @@ def resolve(s: Settings, world) -> Settings:
     if parallel.world_size() > 1 and s.prompts_per_step % groups:
         raise ValueError(f"--prompts-per-step {s.prompts_per_step} must split into --mini-batches x ranks "
                          f"= {groups} equal shares of whole groups")
+    if s.max_teacher_prompt < 0:
+        raise ValueError(f"--max-teacher-prompt {s.max_teacher_prompt} must be >= 0 (0: never cut)")
     if not 0 <= s.ema_rate <= 1:
         raise ValueError(f"--ema-rate {s.ema_rate} must be in [0, 1]")
     if min(s.steps, s.prompts_per_step, s.rollouts, s.mini_batches, s.micro_batch_size) < 1:
@@ -444,12 +475,15 @@ def train_arm(s: Settings, run_dir: str, sample_batch=None) -> dict:
 def train(s: Settings, world, run, preset, student, tokenizer, sample_batch, sets, device) -> dict:
     """The loop: rollouts -> rewards -> teacher context -> update -> push weights -> evaluate -> log."""
     main, cuda, sdpo = parallel.is_main(), device.startswith("cuda"), s.method == "sdpo"
+    sharded = parallel.world_size() > 1
     if world.ACTIVATION_CHECKPOINTING:  # recompute each layer in backward (20k-token sequences)
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    teacher = copy.deepcopy(student).to(torch.bfloat16 if cuda else torch.float32).eval() if sdpo else None
-    for model in (student, teacher):
-        if model is not None:
-            parallel.shard_model(model, mixed_precision=cuda)
+    # Shard the student first: a sharded run frees its host copy before the teacher loads, so the
+    # host holds one model at a time (the fp32 student, then the bf16 teacher).
+    parallel.shard_model(student, mixed_precision=cuda)
+    teacher = load_teacher(s.model, "cpu" if sharded else device, cuda) if sdpo else None
+    if teacher is not None:
+        parallel.shard_model(teacher, mixed_precision=cuda)
     teacher_fp32 = [p.detach().float().clone() for p in student.parameters()] if teacher and s.ema_rate else []
     opt = torch.optim.AdamW(student.parameters(), lr=s.lr, betas=(0.9, 0.999), weight_decay=s.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / s.warmup_steps))

@@ -29,15 +29,36 @@ def init_distributed(device: str) -> str:
     return device
 
 
-def shutdown_distributed() -> None:
+def shutdown_distributed(exit_code: int | None = None) -> None:
     """After a run that succeeded on every rank: end the process group together. The barrier keeps
-    a rank from tearing down its connections while a peer still uses them (gloo then aborts the
-    peer at exit, "terminate called without an active exception"). No-op without torchrun."""
+    a rank from tearing down its connections while a peer still uses them. No-op without a
+    process group.
+
+    With `exit_code`, the process then ends at once (os._exit, after closing the grader pool and
+    flushing output), skipping the interpreter's teardown: FSDP2 keeps references to the process
+    group (its device mesh, its shard group), so destroy_process_group does not free it and gloo's
+    threads (gloo_tcp_loop, pt_gloo_runloop) outlive it into the interpreter's finalization,
+    where a rank aborted now and then after its output was complete ("terminate called without an
+    active exception", SIGABRT; the likely path: a C++ thread that needs the GIL during
+    finalization is ended by pthread_exit, whose unwinding through C++ calls std::terminate).
+    Without FSDP2 the same destroy ends those threads."""
+    import sys
+
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    from infra import grader_pool
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    dist.barrier()
+    dist.destroy_process_group()
+    if exit_code is None:
+        return
+    grader_pool.shutdown()  # what atexit would have done
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(exit_code)
 
 
 def world_size() -> int:
@@ -108,8 +129,11 @@ def shard_model(model, mixed_precision: bool) -> None:
     """FSDP2 (`fully_shard`) over all ranks: each decoder layer, then the root (embeddings, final
     norm, head). With mixed_precision, parameters are all-gathered in bf16 for compute and
     gradients reduce-scattered in fp32, while the sharded parameters (and so the optimizer's
-    master weights) keep their own dtype. Single process: nothing."""
-    if world_size() == 1:
+    master weights) keep their own dtype. No process group (a single process): nothing; a
+    1-rank group (gpu_check.py) shards over that one rank."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
         return
     import warnings
 
@@ -143,9 +167,11 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
 
 def full_weights(model, dtype=torch.bfloat16):
     """(name, full tensor) for every entry of the state dict, gathered one tensor at a time (peak
-    extra memory: one tensor), for pushing into a rollout engine. Every rank must consume it."""
+    extra memory: one tensor), for pushing into a rollout engine. Every rank must consume it.
+    Each shard is cast before the all-gather (bf16: half the traffic of gathering fp32; the
+    cast is elementwise, so the tensors are the same)."""
     for name, t in model.state_dict().items():
-        yield name, full_tensor(t).to(dtype)
+        yield name, full_tensor(t.detach().to(dtype))
 
 
 def gather_full_state(model, optimizer=None) -> dict:

@@ -124,7 +124,7 @@ def cli(main_fn, argv=None):
     signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started in the background
     try:
         result = main_fn(argv)
-        parallel.shutdown_distributed()
+        parallel.shutdown_distributed(exit_code=0)  # under torchrun: ends this process, status 0
         return result
     except (ValueError, FileExistsError, FileNotFoundError, SetupError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -73,7 +73,9 @@ def one_step(method: str) -> dict:
                     pad_id=tokenizer.pad_token_id, epistemic_ids=epistemic_ids, step=1)
     e.ema_update(shadows, teacher, student, SETTINGS.ema_rate)
     state = parallel.gather_full_state(student, opt)
-    return {"student": state["model"], "teacher": parallel.gather_full_state(teacher)["model"],
+    pushed = dict(parallel.full_weights(student))  # bf16 shards gathered (cast before the all-gather)
+    return {"student": state["model"], "pushed": pushed,
+            "teacher": parallel.gather_full_state(teacher)["model"],
             "shadows": parallel.gather_tensors(shadows), "grad_norm": logs["grad_norm"],
             "gap": logs["rollout_logprob_gap"], "roundtrip": checkpoint_roundtrip(state, tokenizer)}
 
@@ -100,7 +102,7 @@ def worker(out_file: str) -> None:
     results = {method: one_step(method) for method in ("grpo", "sdpo")}
     if parallel.is_main():
         torch.save(results, out_file)
-    parallel.shutdown_distributed()
+    parallel.shutdown_distributed(exit_code=0)
 
 
 def torchrun(args: list[str], timeout: int = 240) -> str:
@@ -137,6 +139,10 @@ def test_fsdp2_two_process_update_equals_single_process(tmp_path):
         for k, v in single["teacher"].items():  # EMA on the shards = EMA on whole tensors
             assert torch.allclose(two["teacher"][k], v, atol=2e-5), (method, k)
         assert all(torch.allclose(a, b, atol=2e-5) for a, b in zip(two["shadows"], single["shadows"]))
+        # cast, then gather == gather fp32, then cast: bit for bit
+        for k, v in two["student"].items():
+            pushed = two["pushed"][k]
+            assert pushed.dtype == torch.bfloat16 and torch.equal(pushed, v.to(torch.bfloat16)), k
 
 
 @pytest.mark.slow
