@@ -16,7 +16,8 @@ import platform
 import random
 import time
 
-from common import environment_info, write_json_atomic
+from common import write_json_atomic
+from infra.run_dirs import environment_info
 from infra.grader_pool import default_workers as default_grade_workers
 from math_world import grade
 

@@ -30,7 +30,7 @@ import torch
 
 import common
 import exp02_onpolicy_grpo_sdpo as exp02
-from infra import loss_head, rollout
+from infra import loss_head, rollout, run_dirs
 
 # Architectures of the math presets (their config.json on the hub; random weights are built from these).
 ARCH = {
@@ -264,7 +264,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
-    env = common.environment_info()
+    env = run_dirs.environment_info()
     if args.mode == "loss-head":
         result = {"loss_head": loss_head(args)}
         name = f"loss_head_N{args.tokens}_V{args.vocab}_chunk{args.logit_chunk}"

@@ -7,17 +7,10 @@ groups, rollout engines, the grader pool, checkpoints, the loss head) lives in i
 """
 from __future__ import annotations
 
-import dataclasses
-import importlib.metadata
 import json
 import os
-import platform
 import random
 import re
-import shutil
-import subprocess
-import sys
-import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,18 +25,21 @@ ROOT = Path(__file__).resolve().parent
 # Model presets: short name -> settings. Evaluation sampling is the paper's (0.6/0.95 with
 # thinking, 0.7/0.8 without); max_new_tokens is the release's 38,912 for math models.
 # ---------------------------------------------------------------------------------------------
-_THINK = dict(world="math", thinking=True, think_in_prompt=False, temperature=0.6, top_p=0.95, max_new_tokens=38912)
+_THINK = dict(world="math", thinking=True, think_in_prompt=False, temperature=0.6, top_p=0.95,
+              max_new_tokens=38912)
 _NOTHINK = dict(_THINK, thinking=False, temperature=0.7, top_p=0.8)
 PRESETS = {
     "qwen3-8b": dict(_THINK, hub_id="Qwen/Qwen3-8B"),
     "qwen3-8b-nothink": dict(_NOTHINK, hub_id="Qwen/Qwen3-8B"),
     "qwen3-1.7b": dict(_THINK, hub_id="Qwen/Qwen3-1.7B"),
     # Its chat template ends the prompt with "<think>\n": responses only contain the closing tag.
-    "deepseek-r1-distill-qwen-7b": dict(_THINK, hub_id="deepseek-ai/DeepSeek-R1-Distill-Qwen-7B", think_in_prompt=True),
+    "deepseek-r1-distill-qwen-7b": dict(_THINK, hub_id="deepseek-ai/DeepSeek-R1-Distill-Qwen-7B",
+                                        think_in_prompt=True),
     "olmo3-7b-instruct": dict(_NOTHINK, hub_id="allenai/Olmo-3-7B-Instruct"),
     # The embedded toy world: greedy evaluation (deterministic and cheap), short responses.
     "toy": dict(world="toy", hub_id=str(ROOT / "toy_model"), thinking=True, think_in_prompt=False,
-                temperature=0.0, top_p=1.0, max_new_tokens=64),
+                temperature=0.0, top_p=1.0, max_new_tokens=64,
+                if_missing="`python toy_world.py build` (or `git checkout toy_model`) makes it"),
 }
 
 
@@ -51,14 +47,16 @@ def resolve_preset(name: str) -> dict:
     """A preset by short name, or a generic entry for a local path or a hub id `org/name`."""
     if name in PRESETS:
         return dict(PRESETS[name], name=name)
-    config = json.loads((Path(name) / "config.json").read_text()) if (Path(name) / "config.json").exists() else {}
+    path = Path(name) / "config.json"
+    config = json.loads(path.read_text()) if path.exists() else {}
     if config.get("toy_world"):  # e.g. a trained toy checkpoint
         return dict(PRESETS["toy"], hub_id=name, name=name)
     if Path(name).exists() or name.count("/") == 1 and not name.startswith(("/", ".")):
         # think_in_prompt None: detected from the chat template; a saved model may set preset fields
-        return dict(_THINK, hub_id=name, name=name, think_in_prompt=None, **config.get("preset", {}))
-    raise ValueError(f"unknown model {name!r}: use one of {', '.join(PRESETS)}, a local model directory, "
-                     "or a Hugging Face hub id such as Qwen/Qwen3-8B")
+        return dict(_THINK, hub_id=name, name=name, think_in_prompt=None,
+                    **config.get("preset", {}))
+    raise ValueError(f"unknown model {name!r}: use one of {', '.join(PRESETS)}, a local model "
+                     "directory or a Hugging Face hub id such as Qwen/Qwen3-8B")
 
 
 def default_device() -> str:
@@ -73,13 +71,13 @@ def load_model(name: str, device: str | None = None, dtype: torch.dtype | None =
     device = device or default_device()
     dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     path = preset["hub_id"]
-    if preset["world"] == "toy" and not Path(path).exists():
-        raise FileNotFoundError(f"the toy model is missing at {path}: regenerate it with "
-                                "`python toy_world.py build` (or `git checkout toy_model`)")
+    if preset.get("if_missing") and not Path(path).exists():  # a model shipped in the repository
+        raise FileNotFoundError(f"the model is missing at {path}: {preset['if_missing']}")
     why = None if Path(path).exists() or hub_offline() else hub_unreachable(path, "model")
     try:  # hub unreachable: the local cache only (no retries), else the usual lookup
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=why is not None)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=why is not None)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype,
+                                                     local_files_only=why is not None)
     except OSError as e:
         error = f"{why}; not in the local cache: {e}" if why else e
         raise SetupError(offline_message(path, "model", error)) from None
@@ -108,18 +106,21 @@ def opens_think_in_prompt(tokenizer) -> bool:
 
 
 def teacher_message(user_message: str, solution: str) -> str:
-    """The release's teacher context: original message + solution + instruction (PAPER.md §3, §5)."""
-    return f"{user_message}\nCorrect solution:\n\n{solution}\n\nCorrectly solve the original question."
+    """The release's teacher context: message + solution + instruction (docs/PROTOCOL.md §3)."""
+    return (f"{user_message}\nCorrect solution:\n\n{solution}\n\n"
+            "Correctly solve the original question.")
 
 
 # ---------------------------------------------------------------------------------------------
 # The epistemic counter (docs/PROTOCOL.md, "Epistemic verbalization")
 # ---------------------------------------------------------------------------------------------
-EPISTEMIC_WORDS = ("wait", "hmm", "perhaps", "maybe", "actually", "alternatively", "seems", "might", "likely", "check")
-# Word mode: whole words, case-insensitive. "hmm" also matches "hmmm", "Hmmmm," (hm{2,}), because the
+EPISTEMIC_WORDS = ("wait", "hmm", "perhaps", "maybe", "actually", "alternatively", "seems", "might",
+                   "likely", "check")
+# Word mode: whole words, case-insensitive. "hmm" also matches "hmmm", "Hmmmm," (hm{2,}), as the
 # model spells its hesitation with any number of m's; every other word must match exactly, so
 # "checking", "checks", "unlikely", "await" do NOT count in word mode (they do in paper mode).
-_WORD_RES = {w: re.compile(r"\bhm{2,}\b" if w == "hmm" else rf"\b{w}\b", re.IGNORECASE) for w in EPISTEMIC_WORDS}
+_WORD_RES = {w: re.compile(r"\bhm{2,}\b" if w == "hmm" else rf"\b{w}\b", re.IGNORECASE)
+             for w in EPISTEMIC_WORDS}
 COUNT_MODES = ("paper", "word")
 
 
@@ -144,7 +145,7 @@ def epistemic_total(counts: dict[str, int]) -> int:
 
 
 def per_1k_tokens(count: float, n_tokens: int) -> float:
-    """Rate per 1,000 tokens: 1000 * count / n_tokens (0 tokens -> 0.0, the empty response has no rate)."""
+    """Rate per 1,000 tokens: 1000 * count / n_tokens (0 tokens -> 0.0: no rate)."""
     if n_tokens < 0:
         raise ValueError(f"n_tokens must be >= 0, got {n_tokens}")
     return 0.0 if n_tokens == 0 else 1000.0 * count / n_tokens
@@ -153,11 +154,11 @@ def per_1k_tokens(count: float, n_tokens: int) -> float:
 # ---- thinking / final answer ----
 
 def split_thinking(response: str, think_in_prompt: bool = False) -> tuple[str, str | None]:
-    """Split a response into (thinking, final_answer); final_answer None = the thinking never finished.
+    """A response -> (thinking, final_answer); final_answer None = the thinking never finished.
 
     "</think>" present -> thinking = text before the FIRST "</think>" (leading "<think>" dropped),
                           answer = text after it.
-    no "</think>"      -> if the response has "<think>" or think_in_prompt (DeepSeek-R1-Distill opens
+    no "</think>"      -> if the response has "<think>" or think_in_prompt (DeepSeek-R1 opens
                           <think> inside the prompt): unterminated thinking, (whole text, None);
                           otherwise non-thinking mode: ("", whole text).
     Both parts are whitespace-stripped.
@@ -172,7 +173,7 @@ def split_thinking(response: str, think_in_prompt: bool = False) -> tuple[str, s
     return "", response.strip()
 
 
-_THINK_BLOCK = re.compile(r"<think>.*?(?:</think>|\Z)", re.DOTALL)  # an unclosed block runs to the end
+_THINK_BLOCK = re.compile(r"<think>.*?(?:</think>|\Z)", re.DOTALL)  # unclosed: to the end
 
 
 def strip_thinking(response: str, think_in_prompt: bool = False) -> str:
@@ -230,7 +231,8 @@ def mean_pass_at_k(correct, k: int) -> float:
     return float(np.mean([pass_at_k(n, int(row.sum()), k) for row in c]))
 
 
-def response_metrics(texts: list[str], n_tokens: list[int], finish_reasons: list[str], tokenizer=None,
+def response_metrics(texts: list[str], n_tokens: list[int], finish_reasons: list[str],
+                     tokenizer=None,
                      think_in_prompt: bool = False) -> dict:
     """Length, truncation and epistemic counts (paper mode per word, word mode total), as means
     per response; thinking length needs the tokenizer."""
@@ -240,37 +242,57 @@ def response_metrics(texts: list[str], n_tokens: list[int], finish_reasons: list
          "truncation_rate": sum(f == "length" for f in finish_reasons) / n}
     if tokenizer is not None:
         thinking = [split_thinking(t, think_in_prompt)[0] for t in texts]
-        m["thinking_length"] = sum(len(tokenizer(x, add_special_tokens=False).input_ids) for x in thinking) / n
+        m["thinking_length"] = sum(len(tokenizer(x, add_special_tokens=False).input_ids)
+                                   for x in thinking) / n
     for w in EPISTEMIC_WORDS:
         m[f"epistemic/{w}"] = sum(c[w] for c in counts) / n
     m["epistemic/total"] = sum(map(epistemic_total, counts)) / n
-    m["epistemic/total_per_1k_tokens"] = per_1k_tokens(sum(map(epistemic_total, counts)), sum(n_tokens))
+    total = sum(map(epistemic_total, counts))
+    m["epistemic/total_per_1k_tokens"] = per_1k_tokens(total, sum(n_tokens))
     m["epistemic_word/total"] = sum(epistemic_total(count_epistemic(t, "word")) for t in texts) / n
     return m
 
 
-def evaluate(generator, tokenizer, preset: dict, problems: list[dict], k: int, temperature: float, top_p: float,
-             max_tokens: int, seed: int = 0, grade=None, grader_timeout_s: float = 5.0) -> tuple[dict, list[dict]]:
+def evaluate(generator, tokenizer, preset: dict, problems: list[dict], k: int, temperature: float,
+             top_p: float, max_tokens: int, seed: int = 0, grade=None,
+             grader_timeout_s: float = 5.0) -> tuple[dict, list[dict]]:
     """avg@k, pass@k, lengths, truncation and epistemic counts on one problem set, graded by the
     world's `grade` -> (metrics, samples)."""
     prompts = [prompt_ids(tokenizer, p["prompt"], preset["thinking"]) for p in problems]
-    samples = generator.generate(prompts, n=k, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
+    samples = generator.generate(prompts, n=k, temperature=temperature, top_p=top_p,
+                                 max_tokens=max_tokens, seed=seed)
     flat = [s for group in samples for s in group]
     golds = [p["gold"] for p in problems for _ in range(k)]
-    report = grade([s.text for s in flat], golds, preset["think_in_prompt"], timeout_s=grader_timeout_s)
+    report = grade([s.text for s in flat], golds, preset["think_in_prompt"],
+                   timeout_s=grader_timeout_s)
     correct = np.array(report.correct).reshape(len(problems), k)  # (P, k)
-    metrics = {f"avg@{k}": avg_at_k(correct), **({f"pass@{k}": mean_pass_at_k(correct, k)} if k > 1 else {}),  # pass@1 = avg@1
+    metrics = {f"avg@{k}": avg_at_k(correct),
+               **({f"pass@{k}": mean_pass_at_k(correct, k)} if k > 1 else {}),  # pass@1 = avg@1
                **response_metrics([s.text for s in flat], [len(s.token_ids) for s in flat],
-                                  [s.finish_reason for s in flat], tokenizer, preset["think_in_prompt"]),
+                                  [s.finish_reason for s in flat], tokenizer,
+                                  preset["think_in_prompt"]),
                "grader/timeouts": report.timeouts, "grader/errors": report.errors}
-    rows = [{"problem": i // k, "gold": g, "response": s.text, "correct": bool(c), "finish_reason": s.finish_reason}
+    rows = [{"problem": i // k, "gold": g, "response": s.text, "correct": bool(c),
+             "finish_reason": s.finish_reason}
             for i, (s, g, c) in enumerate(zip(flat, golds, report.correct))]
     return metrics, rows
 
 
+def evaluate_sets(generator, tokenizer, preset: dict, sets: dict, sampling: tuple, seed: int, grade,
+                  prefix: str = "eval") -> tuple[dict, dict]:
+    """common.evaluate on every set -> (flat metrics `<prefix>/<set>/<metric>`, the first 50
+    samples of each set); `sampling` = the world's (k, temperature, top_p, max_tokens)."""
+    metrics, samples = {}, {}
+    for name, problems in sets.items():
+        m, rows = evaluate(generator, tokenizer, preset, problems, *sampling, seed, grade=grade)
+        metrics.update({f"{prefix}/{name}/{key}": v for key, v in m.items()})
+        samples[name] = rows[:50]
+    return metrics, samples
+
+
 def batch_indices(n_problems: int, batch: int, step: int, seed: int) -> list[int]:
     """Problems of a step: positions (step-1)*B .. step*B-1 of an endless sequence of seeded
-    shuffles of the training set. A pure function of the step, so a resumed run sees the same data."""
+    shuffles of the training set. A pure function of the step: a resumed run sees the same data."""
     start, orders = (step - 1) * batch, {}
     for pos in range(start, start + batch):
         epoch = pos // n_problems
@@ -301,89 +323,6 @@ def write_json_atomic(path: str | Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def environment_info() -> dict:
-    def version(pkg):
-        try:
-            return importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            return None
-
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout)
-    except OSError:
-        commit, dirty = None, None
-    return {"git_commit": commit or None, "git_dirty": dirty, "python": sys.version.split()[0],
-            "platform": platform.platform(), "cpu_count": os.cpu_count(),
-            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-            "packages": {p: version(p) for p in ("torch", "transformers", "datasets", "numpy", "math-verify", "vllm")}}
-
-
-def model_slug(name: str) -> str:
-    """A directory name for a model: the preset name, or the hub id / path with / -> _."""
-    return name if name in PRESETS else re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "model"
-
-
-def default_out_dir(out_dir: str, model: str) -> str:
-    """`{model}` in a default --out-dir becomes the model's slug, so the runs of two models (the
-    toy and an 8B) never share a directory."""
-    return out_dir.replace("{model}", model_slug(model))
-
-
-def check_run(out_dir: str | Path, settings, overwrite: bool = False, resume: bool = False,
-              sweep_only: tuple = ()) -> str:
-    """What may be done with a run directory, decided before anything is loaded or written:
-    "new" (start it), "continue" (resume an unfinished run with the same settings) or "finished"
-    (under --resume, a finished run with the same settings: reuse its final.json). Refuses
-    (FileExistsError / ValueError naming the fix) a finished run without --resume or --overwrite,
-    an unfinished one without --resume or --overwrite, and --resume with other settings than the
-    run's (`sweep_only` fields say how a sweep is launched, not what a run computes)."""
-    run = Path(out_dir)
-    if overwrite or not (run / "config.json").exists():
-        return "new"
-    finished = (run / "final.json").exists()
-    if not resume:
-        if finished:
-            raise FileExistsError(f"{run} holds a finished run (final.json): pass --resume to reuse it, "
-                                  "--overwrite to replace it, or choose another --out-dir")
-        raise FileExistsError(f"{run} holds an unfinished run: pass --resume to continue it or --overwrite "
-                              "to restart")
-    saved = json.loads((run / "config.json").read_text())["settings"]
-    now = json.loads(json.dumps(dataclasses.asdict(settings), default=str))
-    changed = [f"--{k.replace('_', '-')} (run: {saved[k]}, now: {now[k]})" for k in now
-               if k in saved and k not in sweep_only and saved[k] != now[k]]
-    if changed:
-        raise ValueError(f"--resume with other settings than the {'finished' if finished else 'unfinished'} "
-                         f"run in {run}: {'; '.join(changed)}. Resume with the same flags, or choose "
-                         "another --out-dir, or pass --overwrite")
-    return "finished" if finished else "continue"
-
-
-def start_run(out_dir: str | Path, settings, overwrite: bool = False, resume: bool = False,
-              sweep_only: tuple = ()) -> Path:
-    """Create a run directory and write config.json (all settings, seed, commit, versions), after
-    `check_run`: a run to continue is returned as it is; --overwrite clears the old run's files."""
-    run = Path(out_dir)
-    state = check_run(run, settings, overwrite, resume, sweep_only)
-    if state == "finished":
-        raise FileExistsError(f"{run} holds a finished run (final.json): nothing to continue")
-    if state == "continue":
-        return run
-    if overwrite and run.exists():
-        for name in ("metrics.jsonl", "final.json", "samples", "checkpoints", "stages", "students"):
-            path = run / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-    run.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(run / "config.json", {"settings": dataclasses.asdict(settings), **environment_info()})
-    return run
-
-
-def read_final(out_dir: str | Path) -> dict:
-    """The final.json of a finished run that --resume reuses (the caller checked it with check_run)."""
-    print(f"{out_dir}: finished earlier with the same settings, reused (--resume)", flush=True)
-    return json.loads((Path(out_dir) / "final.json").read_text())
-
-
 def read_metrics(run: str | Path) -> list[dict]:
     """metrics.jsonl as a list of rows; a last line cut by a crash is dropped."""
     path = Path(run) / "metrics.jsonl"
@@ -405,57 +344,9 @@ def log_metrics(run: Path, step: int, metrics: dict) -> None:
 
 
 def write_samples(run: Path, name: str, rows: list[dict]) -> None:
-    write_json_atomic(Path(run) / "samples" / f"{name}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    write_json_atomic(Path(run) / "samples" / f"{name}.jsonl", text)
 
 
 def finish_run(run: Path, final: dict) -> None:
     write_json_atomic(Path(run) / "final.json", final)
-
-
-# ---------------------------------------------------------------------------------------------
-# Settings: one flat dataclass per script; each field's docstring is its --help
-# ---------------------------------------------------------------------------------------------
-def stat(values) -> dict | None:
-    """{"mean", "std" (population), "n"} over seeds; missing values (None, NaN) left out; None if none."""
-    values = [float(v) for v in values if v is not None and v == v]
-    if not values:
-        return None
-    return {"mean": float(np.mean(values)), "std": float(np.std(values)), "n": len(values)}
-
-
-def fmt_stat(st: dict | None, digits: int = 3) -> str:
-    """'mean ± std' (the mean alone for one seed, 'n/a' for none), for printed tables."""
-    if st is None:
-        return "n/a"
-    return f"{st['mean']:.{digits}f}" + (f" ± {st['std']:.{digits}f}" if st["n"] > 1 else "")
-
-
-def headline(metrics: dict, columns: dict) -> dict[str, float | None]:
-    """The compact table's values of one run's flat metrics: per column (a world's HEADLINE), the
-    mean of the metrics whose keys start with its prefixes."""
-    out = {}
-    for col, (prefixes, _) in columns.items():
-        vals = [next((v for k, v in metrics.items() if k.startswith(p) and "pass@" not in k), None) for p in prefixes]
-        out[col] = None if None in vals else float(np.mean(vals))
-    return out
-
-
-def compact_table(rows: list[tuple[str, list[dict]]], world, first: str = "arm") -> str:
-    """A markdown table that fits 100 columns: one row per (label, flat metrics of each seed), the
-    world's HEADLINE columns as mean ± std over seeds, and its note."""
-    table = []
-    for label, runs in rows:
-        values = [headline(r, world.HEADLINE) for r in runs]
-        table.append({first: label, "seeds": len(runs),
-                      **{col: fmt_stat(stat([v[col] for v in values]), digits)
-                         for col, (_, digits) in world.HEADLINE.items()}})
-    return format_table(table) + "\n" + textwrap.fill(world.HEADLINE_NOTE, 99)
-
-
-def format_table(rows: list[dict]) -> str:
-    """A markdown table of dicts (floats to 3 decimals)."""
-    cols = list(dict.fromkeys(k for r in rows for k in r))
-    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
-    return "\n".join(lines)

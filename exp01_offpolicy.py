@@ -50,6 +50,7 @@ import numpy as np
 import torch
 
 import common
+from infra import run_dirs, tables
 from infra.loss_head import lm_step
 from infra.rollout import Sample, make_generator
 from infra.settings import Interrupted, arg, cli, parse_settings, progress, world_defaults
@@ -279,7 +280,7 @@ def plan_seed(s: Settings) -> tuple[Settings, str]:
     """Every check that can fail, before anything is loaded: flags, backend, data files and the
     run directory (-> "new", "continue" or "finished")."""
     s = resolve(s, pick_world(s.model), common.resolve_preset(s.model))
-    return s, common.check_run(Path(s.out_dir) / f"seed{s.seed}", s, s.overwrite, s.resume, Settings.SWEEP_ONLY)
+    return s, run_dirs.check_run(Path(s.out_dir) / f"seed{s.seed}", s, s.overwrite, s.resume, Settings.SWEEP_ONLY)
 
 
 def sft_sets(questions: list[dict], groups: dict, tokenizer, preset: dict) -> dict[str, list]:
@@ -300,7 +301,7 @@ def first_correct_text(group: list[dict] | None) -> str | None:
 def run_seed(s: Settings) -> dict:
     s, state = plan_seed(s)
     if state == "finished":
-        return common.read_final(Path(s.out_dir) / f"seed{s.seed}")
+        return run_dirs.read_final(Path(s.out_dir) / f"seed{s.seed}")
     torch.set_num_threads(s.threads)
     torch.set_flush_denormal(True)  # denormal floats make CPU matmuls ~100x slower
     common.set_seed(s.seed)
@@ -310,7 +311,7 @@ def run_seed(s: Settings) -> dict:
     pool = world.training_problems(s.max_candidates, s.train_file)
     pool = random.Random(s.seed).sample(pool, len(pool))
     base, tokenizer, preset = common.load_model(s.model, device=device)
-    run = common.start_run(Path(s.out_dir) / f"seed{s.seed}", s, overwrite=s.overwrite, resume=s.resume,
+    run = run_dirs.start_run(Path(s.out_dir) / f"seed{s.seed}", s, overwrite=s.overwrite, resume=s.resume,
                            sweep_only=Settings.SWEEP_ONLY)
     if state == "continue":
         print(f"{run}: resumed, {progress(run)} (skipped)", flush=True)
@@ -387,7 +388,7 @@ def _run_seed(s: Settings, world, run: Path, base, tokenizer, preset, sets, pool
 def summarize(finals: list[dict]) -> dict:
     """Table 1 and Table 2, every metric as {mean, std, n} over seeds."""
     def stats(dicts: list[dict]) -> dict:
-        return {k: common.stat([d.get(k) for d in dicts]) for k in dict.fromkeys(k for d in dicts for k in d)
+        return {k: tables.stat([d.get(k) for d in dicts]) for k in dict.fromkeys(k for d in dicts for k in d)
                 if not isinstance(dicts[0].get(k), (list, dict, str))}
 
     table1 = [{"context": c, "seeds": len(finals), **stats([f["table1"][c] for f in finals])}
@@ -405,19 +406,19 @@ def print_summary(finals: list[dict], out_dir: str, world) -> None:
     """Both tables in <= 100 columns; every metric in summary.json."""
     t1 = [{"context": CONTEXT_LABELS.get(c, c), "seeds": len(finals),
            **{k.replace("epistemic/total", "doubt words").replace("response_", ""):
-              common.fmt_stat(common.stat([f["table1"][c].get(k) for f in finals]), d) for k, d in TABLE1.items()}}
+              tables.fmt_stat(tables.stat([f["table1"][c].get(k) for f in finals]), d) for k, d in TABLE1.items()}}
           for c in finals[0]["table1"]]
     print("Table 1 - teacher context richness (section 3); doubt words and length per response\n"
-          + common.format_table(t1))
+          + tables.format_table(t1))
     print("\nTable 2 - off-policy SFT on D_ug vs D_sg (section 4)\n"
-          + common.compact_table([(name, [f["table2"][name] for f in finals]) for name in finals[0]["table2"]],
+          + tables.compact_table([(name, [f["table2"][name] for f in finals]) for name in finals[0]["table2"]],
                                  world, first="model"))
     print(f"every metric (mean, std, n over seeds): {out_dir}/summary.json")
 
 
 def main(argv=None) -> dict:
     s = parse_settings(Settings, argv)
-    s = replace(s, out_dir=common.default_out_dir(s.out_dir, s.model))
+    s = replace(s, out_dir=run_dirs.default_out_dir(s.out_dir, s.model))
     seeds = [int(x) for x in s.seeds.split(",")] if s.seeds else [s.seed]
     for seed in seeds:  # every run directory checked before the first model loads
         plan_seed(replace(s, seed=seed))

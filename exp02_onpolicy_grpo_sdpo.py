@@ -1,4 +1,4 @@
-"""exp02 — on-policy GRPO vs SDPO with c = s and c = s\\think (claim C3; docs/PROTOCOL.md §5–6).
+"""exp02 — on-policy GRPO vs SDPO, c = s and c = s\\think (claim C3; docs/PROTOCOL.md §5–6).
 
 Claim C3: on-policy self-distillation (SDPO) from a teacher that sees a successful peer solution
 suppresses epistemic tokens, shortens responses and lowers OOD accuracy, where GRPO keeps or
@@ -8,8 +8,8 @@ Per step: B prompts x n rollouts (temperature 1.0), binary reward from the world
 teacher's context from a successful peer (SDPO), then `mini_batches` optimizer steps on either
 `grpo_loss` or `sdpo_loss` (below, side by side), the new weights pushed to the rollout engine.
 
-  python exp02_onpolicy_grpo_sdpo.py                      # toy world: GRPO, SDPO c=s, SDPO c=s\\think
-  python exp02_onpolicy_grpo_sdpo.py --seeds 0,1,2        # the README's table (mean ± std)
+  python exp02_onpolicy_grpo_sdpo.py                # toy world: GRPO, SDPO c=s, SDPO c=s\\think
+  python exp02_onpolicy_grpo_sdpo.py --seeds 0,1,2  # the README's table (mean ± std)
   torchrun --nproc_per_node 8 exp02_onpolicy_grpo_sdpo.py --model qwen3-8b --method sdpo \
       --backend vllm --micro-batch-size 1                 # the paper's setting, one 8-GPU node
 
@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 import common
-from infra import checkpoints, parallel
+from infra import checkpoints, parallel, run_dirs, tables
 from infra.loss_head import pack_sequences, pad_rows, to_padded, token_stats
 from infra.rollout import Sample, make_generator
 from infra.settings import Interrupted, arg, cli, parse_settings, world_defaults
@@ -56,19 +56,16 @@ from infra.settings import Interrupted, arg, cli, parse_settings, world_defaults
 class Settings:
     model: str = arg("toy", "model preset (common.PRESETS), local directory or hub id")
     method: str = arg("all", "grpo | sdpo | all (GRPO, SDPO c=s and SDPO c=s\\think in one table)")
-    teacher_context: str = arg("s", "SDPO demonstration: s (peer response with its thinking) | "
-                                    "s_nothink (thinking removed)")
+    teacher_context: str = arg("s", "SDPO demonstration: s (peer response) | s_nothink (no think)")
     seed: int = arg(0, "seed of the run (sampling, data order)")
-    seeds: str = arg("", "comma-separated seeds to run one after another (overrides --seed), e.g. 0,1,2")
-    out_dir: str = arg("runs/{model}/exp02", "run directory ({model} = the --model name); each arm "
-                                             "and seed writes <out_dir>/<arm>/seed<k>/")
+    seeds: str = arg("", "comma-separated seeds run one after another (overrides --seed): 0,1,2")
+    out_dir: str = arg("runs/{model}/exp02", "runs: <out_dir>/<arm>/seed<k>/ ({model}: --model)")
     overwrite: bool = arg(False, "allow replacing a finished run directory")
     steps: int | None = arg(None, "training steps", toy=60, math=100)
     prompts_per_step: int | None = arg(None, "B, prompts per step", toy=16, math=256)
     rollouts: int = arg(8, "n, rollouts per prompt (a group)")
-    mini_batches: int = arg(2, "optimizer steps per training step (the paper splits each batch in 2)")
-    micro_batch_size: int | None = arg(None, "sequences per forward pass, gradients accumulated over "
-                                             "a mini-batch", toy=64, math=4)
+    mini_batches: int = arg(2, "optimizer steps per training step (the paper: 2 per batch)")
+    micro_batch_size: int | None = arg(None, "sequences per forward pass", toy=64, math=4)
     lr: float | None = arg(None, "learning rate", toy=2e-4, math={"grpo": 1e-6, "sdpo": 1e-5})
     warmup_steps: int = arg(10, "linear warm-up over training steps, from lr/warmup_steps (not 0)")
     weight_decay: float = arg(0.01, "AdamW weight decay (betas 0.9/0.999)")
@@ -79,35 +76,27 @@ class Settings:
     clip_low: float = arg(0.2, "GRPO ratio clip below 1")
     clip_high: float = arg(0.28, "GRPO ratio clip above 1")
     dual_clip: float = arg(3.0, "GRPO dual clip for negative advantages")
-    topk: int | None = arg(None, "SDPO: student top-k ids (+ one tail bin); 0 = full vocabulary",
-                           toy=0, math=100)
-    alpha: float = arg(0.5, "SDPO generalized JSD weight: 0 = KL(teacher||student), 1 = KL(student||teacher)")
+    topk: int | None = arg(None, "SDPO: student top-k ids (+ a tail bin); 0 = all", toy=0, math=100)
+    alpha: float = arg(0.5, "SDPO generalized JSD weight: 0 = KL(teacher||student), 1 = KL(s||t)")
     is_clip: float = arg(2.0, "SDPO importance weight clip: min(pi_theta/pi_old, is_clip)")
-    rollout_is_clip: float = arg(2.0, "rollout correction clip: min(pi_old/pi_rollout, ...) when the "
-                                      "rollout engine is not the trainer")
+    rollout_is_clip: float = arg(2.0, "rollout correction clip: min(pi_old/pi_rollout, this)")
     count_no_demo: bool = arg(True, "SDPO: samples without a demonstration count in the average")
-    max_teacher_prompt: int | None = arg(None, "SDPO: a longer teacher prompt keeps its first this-many "
-                                         "tokens (the release's max_reprompt_len); 0 = never cut",
+    max_teacher_prompt: int | None = arg(None, "SDPO: teacher prompt's first tokens kept (0: all)",
                                          toy=0, math=22528)
     ema_rate: float = arg(0.0, "teacher EMA rate tau (0 = the frozen initial teacher)")
     logit_chunk: int = arg(2048, "response positions per chunk of the loss head (memory bound)")
     eval_every: int | None = arg(None, "steps between evaluations", toy=20, math=10)
-    eval_k: int | None = arg(None, "samples per problem in evaluation, avg@k (toy: greedy)", toy=1, math=16)
+    eval_k: int | None = arg(None, "samples per problem in evaluation, avg@k", toy=1, math=16)
     eval_n: int = arg(200, "toy world: graphs per evaluation cell")
-    train_file: str | None = arg(None, "math: local training parquet in the paper's layout "
-                                       "(default: DAPO-Math-17k from the hub)")
-    data_dir: str | None = arg(None, "math: directory with aime24/amc23 parquet files in the paper's "
-                                     "layout (default: the hub)")
-    backend: str = arg("hf", "rollout backend: hf (transformers) | vllm (CUDA: colocated engine, "
-                             "weights pushed after each update)")
-    vllm_gpu_memory: float = arg(0.5, "vllm: share of GPU memory its weights and KV cache take awake")
+    train_file: str | None = arg(None, "math: training parquet (default: DAPO-Math-17k, the hub)")
+    data_dir: str | None = arg(None, "math: directory of aime24/amc23 parquet files (default: hub)")
+    backend: str = arg("hf", "rollouts: hf (transformers) | vllm (colocated, weights pushed)")
+    vllm_gpu_memory: float = arg(0.5, "vllm: share of GPU memory it takes while awake")
     device: str | None = arg(None, "cpu | cuda (default: cuda when available)")
     threads: int = arg(2, "torch CPU threads")
-    checkpoint_every: int = arg(10, "steps between checkpoints (model, optimizer, scheduler, teacher, "
-                                    "RNG); 0 = none")
+    checkpoint_every: int = arg(10, "steps between checkpoints (all a resume needs); 0 = none")
     keep_checkpoints: int = arg(1, "newest checkpoints kept on disk")
-    resume: bool = arg(False, "continue the run in --out-dir from its newest checkpoint (a finished "
-                              "run with the same settings is reused)")
+    resume: bool = arg(False, "continue from the newest checkpoint (a finished run: reused)")
 
     # How a sweep is launched, not what one run computes: --resume ignores a change in these.
     SWEEP_ONLY: ClassVar[tuple] = ("seeds", "resume", "overwrite", "out_dir")
@@ -162,7 +151,7 @@ def generalized_jsd(s: torch.Tensor, t: torch.Tensor, alpha: float) -> torch.Ten
         return kl(t, s)
     if alpha == 1:
         return kl(s, t)
-    m = torch.logsumexp(torch.stack([s + math.log(1 - alpha), t + math.log(alpha)]), dim=0)  # (.., K)
+    m = torch.logsumexp(torch.stack([s + math.log(1 - alpha), t + math.log(alpha)]), 0)  # (..., K)
     return (1 - alpha) * kl(s, m) + alpha * kl(t, m)
 
 
@@ -230,12 +219,13 @@ class Rollouts:
     rewards: torch.Tensor  # (B'*n,) 1.0 = graded correct
     grader: common.GradeReport
     seqs: list[tuple[list[int], list[int]]]  # (prompt ids, response ids): the student's view
-    teacher_seqs: list[tuple[list[int], list[int]]] | None = None  # SDPO: (teacher prompt, response)
+    teacher_seqs: list[tuple[list[int], list[int]]] | None = None  # SDPO: (teacher prompt, resp.)
     has_demo: torch.Tensor | None = None  # (B'*n,) SDPO: 1.0 = a peer demonstration exists
     teacher_cut: int = 0  # SDPO: teacher prompts cut at --max-teacher-prompt
 
 
-def rollout(s: Settings, world, preset: dict, tokenizer, generator, batch: list[dict], step: int) -> Rollouts:
+def rollout(s: Settings, world, preset: dict, tokenizer, generator, batch: list[dict],
+            step: int) -> Rollouts:
     """n samples per prompt at the rollout temperature, graded by the world (the binary reward)."""
     prompts = [common.prompt_ids(tokenizer, p["prompt"], preset["thinking"]) for p in batch]
     groups = generator.generate(prompts, n=s.rollouts, temperature=s.temperature, top_p=s.top_p,
@@ -248,11 +238,12 @@ def rollout(s: Settings, world, preset: dict, tokenizer, generator, batch: list[
                     [(prompts[i // s.rollouts], x.token_ids) for i, x in enumerate(samples)])
 
 
-def add_teacher_context(s: Settings, r: Rollouts, preset: dict, tokenizer, batch: list[dict]) -> None:
+def add_teacher_context(s: Settings, r: Rollouts, preset: dict, tokenizer, batch: list[dict]):
     """SDPO: each sample's teacher sequence, [teacher prompt ; the sample's response], where the
     teacher prompt holds a successful peer's response; the student's own prompt when none."""
-    msgs = teacher_messages([p["prompt"] for p in batch], [x.text for x in r.samples], r.grader.correct,
-                            s.rollouts, s.teacher_context, preset["think_in_prompt"])
+    msgs = teacher_messages([p["prompt"] for p in batch], [x.text for x in r.samples],
+                            r.grader.correct, s.rollouts, s.teacher_context,
+                            preset["think_in_prompt"])
     r.has_demo = torch.tensor([m is not None for m in msgs], dtype=torch.float32)  # (B'*n,)
     full = [common.prompt_ids(tokenizer, m, preset["thinking"]) if m else None for m in msgs]
     cap = s.max_teacher_prompt
@@ -262,19 +253,16 @@ def add_teacher_context(s: Settings, r: Rollouts, preset: dict, tokenizer, batch
 
 
 def cut_teacher_prompt(ids: list[int], max_len: int) -> list[int]:
-    """The release's max_reprompt_len with its default right truncation: a teacher prompt over
-    max_len tokens keeps its first max_len (the end of the demonstration, the instruction and the
-    assistant header are lost, as there); 0: unchanged. Rare at the paper's settings: only a
-    question plus template over 2,048 tokens gets cut (train/teacher_prompt_cut counts them)."""
+    """The release's max_reprompt_len, right truncation: a teacher prompt keeps its first max_len
+    tokens (0: all). Rare: only a question + template over 2,048 tokens gets cut."""
     return ids[:max_len] if max_len else ids
 
 
 def load_teacher(model: str, device: str, cuda: bool):
-    """The SDPO teacher, loaded from the model's files straight into its own dtype: bf16 when the
-    run computes on CUDA (the EMA teacher keeps fp32 shadows beside it), fp32 on the CPU. Not a
-    copy of the fp32 student (two fp32 copies per rank before the cast: ~66 GB at 8B). `device`:
-    where it loads (the CPU for a sharded run: FSDP moves each shard)."""
-    return common.load_model(model, device=device, dtype=torch.bfloat16 if cuda else torch.float32)[0].eval()
+    """The SDPO teacher from the model's files in its own dtype (bf16 on CUDA, fp32 on CPU), not a
+    copy of the fp32 student (~66 GB more per rank at 8B), loaded on `device`."""
+    dtype = torch.bfloat16 if cuda else torch.float32
+    return common.load_model(model, device=device, dtype=dtype)[0].eval()
 
 
 def update(s: Settings, *, student, teacher, opt, rollouts: Rollouts, pad_id: int, epistemic_ids,
@@ -287,12 +275,14 @@ def update(s: Settings, *, student, teacher, opt, rollouts: Rollouts, pad_id: in
     device, seqs, sdpo = epistemic_ids.device, rollouts.seqs, s.method == "sdpo"
     old_rows = []  # log pi_old per sequence, before any update of this step
     for a in range(0, len(seqs), s.micro_batch_size):
-        ids, att, lab = (t.to(device) for t in pack_sequences(seqs[a:a + s.micro_batch_size], pad_id))
+        batch = pack_sequences(seqs[a:a + s.micro_batch_size], pad_id)
+        ids, att, lab = (t.to(device) for t in batch)
         tok, _, _, _, m = token_stats(student, ids, att, lab, None, s.logit_chunk, grad=False)
         old_rows += list(tok.split(m.sum(1).tolist()))
     log_ratio = [None if x.logprobs is None else o - torch.tensor(x.logprobs, device=device)
                  for o, x in zip(old_rows, rollouts.samples)]  # log pi_old/pi_rollout (vLLM only)
-    correction = [None if r is None else torch.exp(r).clamp(max=s.rollout_is_clip) for r in log_ratio]
+    correction = [None if r is None else torch.exp(r).clamp(max=s.rollout_is_clip)
+                  for r in log_ratio]
     advantages = group_advantages(rollouts.rewards.view(-1, s.rollouts)).view(-1)  # (B'*n,)
     student.train()
     mb, logs, norms, k = len(seqs) // s.mini_batches, [], [], (s.topk if sdpo else None)
@@ -302,35 +292,39 @@ def update(s: Settings, *, student, teacher, opt, rollouts: Rollouts, pad_id: in
             sl = slice(a, min(a + s.micro_batch_size, start + mb))
             ids, att, lab = (t.to(device) for t in pack_sequences(seqs[sl], pad_id))
             tok, dist, ent, top_ids, mask = token_stats(student, ids, att, lab, k, s.logit_chunk)
-            logp, old, maskf = to_padded(tok, mask), pad_rows(old_rows[sl], mask), mask.float()  # (b, T)
+            logp, old = to_padded(tok, mask), pad_rows(old_rows[sl], mask)  # (b, T)
+            maskf = mask.float()  # (b, T)
             weight = None if correction[a] is None else pad_rows(correction[sl], mask)  # (b, T)
             if not sdpo:
-                loss, div = grpo_loss(logp, old, advantages[sl].to(device), maskf, weight, s.clip_low,
-                                      s.clip_high, s.dual_clip), None
+                loss = grpo_loss(logp, old, advantages[sl].to(device), maskf, weight, s.clip_low,
+                                 s.clip_high, s.dual_clip)
+                div = None
             else:
-                t_ids, t_att, t_lab = (t.to(device) for t in pack_sequences(rollouts.teacher_seqs[sl], pad_id))
-                t_dist = token_stats(teacher, t_ids, t_att, t_lab, k, s.logit_chunk, topk_ids=top_ids,
-                                     grad=False)[1]
-                loss, div = sdpo_loss(to_padded(dist, mask), to_padded(t_dist, mask), logp, old, maskf,
-                                      rollouts.has_demo[sl].to(device), s.alpha, s.is_clip,
-                                      add_tail=bool(k), rollout_weight=weight, count_no_demo=s.count_no_demo)
+                t_batch = pack_sequences(rollouts.teacher_seqs[sl], pad_id)
+                t_ids, t_att, t_lab = (t.to(device) for t in t_batch)
+                t_dist = token_stats(teacher, t_ids, t_att, t_lab, k, s.logit_chunk,
+                                     topk_ids=top_ids, grad=False)[1]
+                loss, div = sdpo_loss(to_padded(dist, mask), to_padded(t_dist, mask), logp, old,
+                                      maskf, rollouts.has_demo[sl].to(device), s.alpha, s.is_clip,
+                                      add_tail=bool(k), rollout_weight=weight,
+                                      count_no_demo=s.count_no_demo)
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss at step {step}: stopping; the run directory "
-                                         "keeps the metrics and the last good checkpoint (--resume)")
+                raise FloatingPointError(f"non-finite loss at step {step}: stopping; the run "
+                                         "directory keeps the metrics and the last good checkpoint")
             (loss * (sl.stop - sl.start) / mb).backward()  # weight = the micro-batch's share
             logs.append(token_logs(loss, ent, mask, div, ids, epistemic_ids,
                                    rollouts.has_demo[sl] if sdpo else None))
-        norms.append(parallel.full_tensor(torch.nn.utils.clip_grad_norm_(student.parameters(), s.grad_clip)))
+        norm = torch.nn.utils.clip_grad_norm_(student.parameters(), s.grad_clip)
+        norms.append(parallel.full_tensor(norm))
         if not torch.isfinite(norms[-1]):
             raise FloatingPointError(f"non-finite gradient norm at step {step}: stopping; the run "
-                                     "directory keeps the metrics and the last good checkpoint (--resume)")
+                                     "directory keeps the metrics and the last good checkpoint")
         opt.step()
     student.eval()
-    logs = [x for part in parallel.gather_objects(logs) for x in part]  # every rank's micro-batches
     gap = [r for r in log_ratio if r is not None]  # trainer vs rollout engine: mean |log-prob gap|
     gap_sum, gap_n = map(sum, zip(*parallel.gather_objects((sum(r.abs().sum().item() for r in gap),
                                                             sum(r.numel() for r in gap)))))
-    out = dict(merge_logs(logs), grad_norm=float(torch.stack(norms).mean()))
+    out = dict(parallel.merge_logs(logs), grad_norm=float(torch.stack(norms).mean()))
     return dict(out, rollout_logprob_gap=gap_sum / gap_n) if gap_n else out
 
 
@@ -339,9 +333,9 @@ def update(s: Settings, *, student, teacher, opt, rollouts: Rollouts, pad_id: in
 # ---------------------------------------------------------------------------------------------
 def step_metrics(r: Rollouts, logs: dict, lr: float) -> dict:
     """The step's training metrics from every rank's rollouts (gathered) and the update's logs."""
+    samples = [(x.text, len(x.token_ids), x.finish_reason) for x in r.samples]
     parts = parallel.gather_objects((r.rewards, r.has_demo, r.grader.timeouts, r.grader.errors,
-                                     [(x.text, len(x.token_ids), x.finish_reason) for x in r.samples],
-                                     r.teacher_cut))
+                                     samples, r.teacher_cut))
     texts, lengths, reasons = zip(*[x for p in parts for x in p[4]])
     epistemic = common.response_metrics(list(texts), list(lengths), list(reasons))
     demo = [p[1] for p in parts if p[1] is not None]
@@ -349,7 +343,7 @@ def step_metrics(r: Rollouts, logs: dict, lr: float) -> dict:
             "train/response_length": float(np.mean(lengths)),
             "train/truncation_rate": epistemic["truncation_rate"], "train/lr": lr,
             "train/demo_fraction": torch.cat(demo).mean().item() if demo else 0.0,
-            "train/teacher_prompt_cut": sum(p[5] for p in parts) / len(texts),  # share of the samples
+            "train/teacher_prompt_cut": sum(p[5] for p in parts) / len(texts),  # share cut
             "grader/timeouts": sum(p[2] for p in parts), "grader/errors": sum(p[3] for p in parts),
             **{f"train/{k}": v for k, v in logs.items()},
             **{f"train/{k}": v for k, v in epistemic.items() if k.startswith("epistemic")}}
@@ -365,18 +359,6 @@ def token_logs(loss, entropy, mask, div, ids, epistemic_ids, has_demo) -> dict:
         out["divergence_epistemic"] = (div[epi].sum().item(), epi.sum().item())
         out["divergence_other"] = (div[live & ~epi].sum().item(), (live & ~epi).sum().item())
     return out
-
-
-def merge_logs(logs: list[dict]) -> dict:
-    merged = {}
-    for key in logs[0]:
-        vals = [l[key] for l in logs]
-        if isinstance(vals[0], tuple):  # (sum, count) pairs -> mean per token
-            total, count = map(sum, zip(*vals))
-            merged[f"sdpo/{key}"] = total / count if count else None  # None: no such token
-        else:
-            merged[key] = float(np.mean(vals))
-    return merged
 
 
 # ---------------------------------------------------------------------------------------------
@@ -403,8 +385,8 @@ def resolve(s: Settings, world) -> Settings:
         check_vllm(live=True)
     groups = s.mini_batches * parallel.world_size()
     if parallel.world_size() > 1 and s.prompts_per_step % groups:
-        raise ValueError(f"--prompts-per-step {s.prompts_per_step} must split into --mini-batches x ranks "
-                         f"= {groups} equal shares of whole groups")
+        raise ValueError(f"--prompts-per-step {s.prompts_per_step} must split into --mini-batches "
+                         f"x ranks = {groups} equal shares of whole groups")
     if s.max_teacher_prompt < 0:
         raise ValueError(f"--max-teacher-prompt {s.max_teacher_prompt} must be >= 0 (0: never cut)")
     if not 0 <= s.ema_rate <= 1:
@@ -415,21 +397,18 @@ def resolve(s: Settings, world) -> Settings:
     if (s.prompts_per_step * s.rollouts) % s.mini_batches:
         raise ValueError(f"B x n = {s.prompts_per_step * s.rollouts} sequences do not split into "
                          f"--mini-batches {s.mini_batches}")
-    check_topk(s, vocab_size(s.model))
+    check_topk(s, None)
     world.check_files(s.train_file, s.data_dir)
     return s
 
 
-def vocab_size(model: str) -> int | None:
-    """The vocabulary of a model on disk, from its config.json (None when not on disk)."""
-    config = Path(common.resolve_preset(model)["hub_id"] or "", "config.json")
-    return json.loads(config.read_text()).get("vocab_size") if config.is_file() else None
-
-
 def check_topk(s: Settings, vocab: int | None) -> None:
+    """--topk within the vocabulary (from the model's config.json when on disk)."""
+    config = Path(common.resolve_preset(s.model)["hub_id"] or "", "config.json")
+    vocab = vocab or (json.loads(config.read_text())["vocab_size"] if config.is_file() else 0)
     if vocab and s.topk and s.topk > vocab:
-        raise ValueError(f"--topk {s.topk} exceeds the vocabulary ({vocab}); use --topk 0 for the full "
-                         "vocabulary")
+        raise ValueError(f"--topk {s.topk} exceeds the vocabulary ({vocab}); use --topk 0 for "
+                         "the full vocabulary")
 
 
 def plan_arm(s: Settings, run_dir: str) -> tuple[Settings, str]:
@@ -437,7 +416,9 @@ def plan_arm(s: Settings, run_dir: str) -> tuple[Settings, str]:
     sdpo) and its run directory -> (settings, "new" | "continue" | "finished")."""
     parallel.init_distributed(s.device or common.default_device())
     s = resolve(s, pick_world(s.model))
-    return s, parallel.main_only(common.check_run, run_dir, s, s.overwrite, s.resume, type(s).SWEEP_ONLY)
+    state = parallel.main_only(run_dirs.check_run, run_dir, s, s.overwrite, s.resume,
+                               type(s).SWEEP_ONLY)
+    return s, state
 
 
 def train_arm(s: Settings, run_dir: str, sample_batch=None) -> dict:
@@ -446,7 +427,7 @@ def train_arm(s: Settings, run_dir: str, sample_batch=None) -> dict:
     epochs (exp04 uses it). Under torchrun every rank runs this; rank 0 alone writes and prints."""
     s, state = plan_arm(s, run_dir)
     if state == "finished":
-        return parallel.main_only(common.read_final, run_dir)
+        return parallel.main_only(run_dirs.read_final, run_dir)
     torch.set_num_threads(s.threads)
     torch.set_flush_denormal(True)  # denormal floats make CPU matmuls ~100x slower
     common.set_seed(s.seed)
@@ -459,12 +440,12 @@ def train_arm(s: Settings, run_dir: str, sample_batch=None) -> dict:
         sample_batch = lambda step: [problems[i] for i in common.batch_indices(  # noqa: E731
             len(problems), s.prompts_per_step, step, s.seed)]
     sets = world.evaluation_sets(s.eval_n, data_dir=s.data_dir, train_graphs=True)
-    # fp32 master weights (bf16 compute on CUDA); sharded runs load on the CPU, FSDP moves each shard.
+    # fp32 master weights (bf16 compute on CUDA); sharded runs load on the CPU, FSDP moves shards.
     sharded = parallel.world_size() > 1
     student, tokenizer, preset = common.load_model(s.model, device="cpu" if sharded else device,
                                                    dtype=torch.float32)
     check_topk(s, student.get_output_embeddings().weight.shape[0])
-    run = parallel.main_only(common.start_run, run_dir, s, overwrite=s.overwrite, resume=s.resume,
+    run = parallel.main_only(run_dirs.start_run, run_dir, s, overwrite=s.overwrite, resume=s.resume,
                              sweep_only=type(s).SWEEP_ONLY)
     try:
         return train(s, world, run, preset, student, tokenizer, sample_batch, sets, device)
@@ -473,35 +454,39 @@ def train_arm(s: Settings, run_dir: str, sample_batch=None) -> dict:
 
 
 def train(s: Settings, world, run, preset, student, tokenizer, sample_batch, sets, device) -> dict:
-    """The loop: rollouts -> rewards -> teacher context -> update -> push weights -> evaluate -> log."""
+    """The loop: rollouts -> rewards -> teacher context -> update -> push -> evaluate -> log."""
     main, cuda, sdpo = parallel.is_main(), device.startswith("cuda"), s.method == "sdpo"
     sharded = parallel.world_size() > 1
     if world.ACTIVATION_CHECKPOINTING:  # recompute each layer in backward (20k-token sequences)
-        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        student.gradient_checkpointing_enable({"use_reentrant": False})
     # Shard the student first: a sharded run frees its host copy before the teacher loads, so the
     # host holds one model at a time (the fp32 student, then the bf16 teacher).
     parallel.shard_model(student, mixed_precision=cuda)
     teacher = load_teacher(s.model, "cpu" if sharded else device, cuda) if sdpo else None
     if teacher is not None:
         parallel.shard_model(teacher, mixed_precision=cuda)
-    teacher_fp32 = [p.detach().float().clone() for p in student.parameters()] if teacher and s.ema_rate else []
-    opt = torch.optim.AdamW(student.parameters(), lr=s.lr, betas=(0.9, 0.999), weight_decay=s.weight_decay)
+    teacher_fp32 = ([p.detach().float().clone() for p in student.parameters()]
+                    if teacher and s.ema_rate else [])  # the EMA teacher's fp32 shadows
+    opt = torch.optim.AdamW(student.parameters(), lr=s.lr, betas=(0.9, 0.999),
+                            weight_decay=s.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / s.warmup_steps))
-    generator = make_generator(student, tokenizer, s.backend, model_path=preset["hub_id"], seed=s.seed,
-                               live=True, gpu_memory_utilization=s.vllm_gpu_memory)
+    generator = make_generator(student, tokenizer, s.backend, model_path=preset["hub_id"],
+                               seed=s.seed, live=True, gpu_memory_utilization=s.vllm_gpu_memory)
     evaluator = parallel.ShardedGenerator(generator)
-    epistemic_ids = torch.tensor([any(w in tokenizer.decode([i]).lower() for w in common.EPISTEMIC_WORDS)
+    epistemic_ids = torch.tensor([any(w in tokenizer.decode([i]).lower()
+                                      for w in common.EPISTEMIC_WORDS)
                                   for i in range(len(tokenizer))], device=device)  # (V,)
-    done = checkpoints.load_state(run, student, opt, sched, teacher, teacher_fp32) if s.resume else 0
+    done = 0  # the last step done: a resume continues after its checkpoint
+    if s.resume:
+        done = checkpoints.load_state(run, student, opt, sched, teacher, teacher_fp32)
     if done:
         generator.load_weights(parallel.full_weights(student))  # the engine started from the base
         if main:
             print(f"[{arm_name(s)} seed {s.seed}] resumed from step {done} ({run})", flush=True)
     else:
-        base, samples = evaluate(s, world, preset, student, tokenizer, evaluator, sets)
+        base = evaluate(s, world, preset, student, tokenizer, evaluator, sets, run)
         if main:
             common.log_metrics(run, 0, base)
-            write_eval_samples(run, samples)
     t0 = time.time()
     for step in range(done + 1, s.steps + 1):
         batch = sample_batch(step)  # the same B prompts on every rank; each takes its share
@@ -519,10 +504,7 @@ def train(s: Settings, world, run, preset, student, tokenizer, sample_batch, set
             ema_update(teacher_fp32, teacher, student, s.ema_rate)
         row = step_metrics(rollouts, logs, lr_used)
         if step % s.eval_every == 0 or step == s.steps:
-            ev, samples = evaluate(s, world, preset, student, tokenizer, evaluator, sets)
-            row.update(ev)
-            if main:
-                write_eval_samples(run, samples)
+            row.update(evaluate(s, world, preset, student, tokenizer, evaluator, sets, run))
         if main:
             common.log_metrics(run, step, dict(row, **{"time/step_s": time.time() - t0}))
         t0 = time.time()
@@ -530,35 +512,30 @@ def train(s: Settings, world, run, preset, student, tokenizer, sample_batch, set
             checkpoints.save_state(run, step, student, opt, sched, teacher_fp32, s.keep_checkpoints)
         if main:
             print(f"[{arm_name(s)} seed {s.seed}] step {step} reward {row['train/reward']:.3f} "
-                  f"len {row['train/response_length']:.1f} doubt {row['train/epistemic/total']:.2f} "
+                  f"len {row['train/response_length']:.1f} "
+                  f"doubt {row['train/epistemic/total']:.2f} "
                   f"loss {row['train/loss']:+.2e}", flush=True)  # GRPO: ~0 on-policy (README)
     return parallel.main_only(finish, run, s)
 
 
-def evaluate(s: Settings, world, preset: dict, model, tokenizer, generator, sets) -> tuple[dict, dict]:
-    """The world's evaluation sampling on every evaluation set -> (flat metrics, samples)."""
-    k, temperature, top_p, max_tokens = world.eval_sampling(preset, s.eval_k, s.max_new_tokens)
-    metrics, samples = {}, {}
+def evaluate(s: Settings, world, preset: dict, model, tokenizer, generator, sets, run=None) -> dict:
+    """The world's evaluation sampling on every set -> flat metrics; rank 0 writes the samples."""
     model.eval()
-    for name, problems in sets.items():
-        m, rows = common.evaluate(generator, tokenizer, preset, problems, k, temperature, top_p, max_tokens,
-                                  s.seed, grade=world.grade)
-        metrics.update({f"eval/{name}/{key}": v for key, v in m.items()})
-        samples[name] = rows[:50]
-    return metrics, samples
-
-
-def write_eval_samples(run, samples: dict) -> None:
-    for name, rows in samples.items():
+    sampling = world.eval_sampling(preset, s.eval_k, s.max_new_tokens)
+    metrics, samples = common.evaluate_sets(generator, tokenizer, preset, sets, sampling, s.seed,
+                                            world.grade)
+    for name, rows in samples.items() if parallel.is_main() else ():
         common.write_samples(run, f"eval_{name}", rows)
+    return metrics
 
 
 def finish(run, s: Settings) -> dict:
     """final.json: the arm's settings (method and context as trained), the base and last rows."""
     rows = common.read_metrics(run)
-    final = {"method": s.method, "teacher_context": s.teacher_context if s.method == "sdpo" else None,
-             "seed": s.seed, "steps": s.steps, "settings": asdict(s), "base": rows[0], "final": rows[-1],
-             "train_time_s": sum(r.get("time/step_s", 0.0) for r in rows)}
+    final = {"method": s.method,
+             "teacher_context": s.teacher_context if s.method == "sdpo" else None,
+             "seed": s.seed, "steps": s.steps, "settings": asdict(s), "base": rows[0],
+             "final": rows[-1], "train_time_s": sum(r.get("time/step_s", 0.0) for r in rows)}
     common.finish_run(run, final)
     return final
 
@@ -572,32 +549,28 @@ def arm_name(s_or_final) -> str:
     return "grpo" if get("method") == "grpo" else f"sdpo_{get('teacher_context') or 's'}"
 
 
-def arm_of(final: dict) -> str:
-    return final.get("arm") or arm_name(final)
-
-
 def summarize(finals: list[dict]) -> list[dict]:
-    """summary.json: the base (step 0, one evaluation per seed) first, then one row per arm with
-    every metric of the last step as {mean, std, n} over seeds."""
-    return [{"arm": arm, "seeds": len(runs), **{k: common.stat([r.get(k) for r in runs])
-                                                for k in dict.fromkeys(k for r in runs for k in r) if k != "step"}}
+    """summary.json: table_rows with every metric as {mean, std, n} over seeds."""
+    return [{"arm": arm, "seeds": len(runs), **tables.stats(runs)}
             for arm, runs in table_rows(finals)]
 
 
 def table_rows(finals: list[dict], labels: dict | None = None) -> list[tuple[str, list[dict]]]:
-    bases = list({f["seed"]: f["base"] for f in finals}.values())
-    return [("base (step 0)", bases)] + [((labels or {}).get(arm, arm), [f["final"] for f in finals
-                                                                        if arm_of(f) == arm])
-                                         for arm in dict.fromkeys(map(arm_of, finals))]
+    """(label, last-step metrics per seed) per arm (final.json's `arm`, else method and context),
+    the base (step 0, one evaluation per seed) first."""
+    arms = [f.get("arm") or arm_name(f) for f in finals]
+    rows = [((labels or {}).get(a, a), [f["final"] for f, b in zip(finals, arms) if b == a])
+            for a in dict.fromkeys(arms)]
+    return [("base (step 0)", list({f["seed"]: f["base"] for f in finals}.values()))] + rows
 
 
 def print_summary(finals: list[dict], out_dir: str, world, labels: dict | None = None) -> None:
     """The compact table (<= 100 columns): base row first, then each arm; all in summary.json."""
-    print(common.compact_table(table_rows(finals, labels), world)
+    print(tables.compact_table(table_rows(finals, labels), world)
           + f"\nevery metric (mean, std, n over seeds): {out_dir}/summary.json")
 
 
-def arm_runs(s: Settings, arms: list[tuple[str, str]], seeds: list[int]) -> list[tuple[Settings, str]]:
+def arm_runs(s: Settings, arms: list[tuple[str, str]], seeds: list[int]) -> list[tuple]:
     """(arm settings, run directory) of each arm and seed, all checked before the first model
     loads: a refused arm stops the sweep before any trains."""
     arms = [replace(s, seed=seed, method=m, teacher_context=c) for seed in seeds for m, c in arms]
@@ -609,7 +582,7 @@ def arm_runs(s: Settings, arms: list[tuple[str, str]], seeds: list[int]) -> list
 
 def main(argv=None) -> list[dict]:
     s = parse_settings(Settings, argv)
-    s = replace(s, out_dir=common.default_out_dir(s.out_dir, s.model))
+    s = replace(s, out_dir=run_dirs.default_out_dir(s.out_dir, s.model))
     if s.method not in ("grpo", "sdpo", "all"):
         raise ValueError(f"--method {s.method!r}: use grpo, sdpo or all")
     arms = ARMS if s.method == "all" else [(s.method, s.teacher_context)]

@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import common
+from infra import run_dirs
 import exp02_onpolicy_grpo_sdpo as exp02
 from infra.settings import arg, cli, parse_settings
 
@@ -42,7 +43,7 @@ def run_name(tau: float) -> str:
 
 def main(argv=None) -> list[dict]:
     s = parse_settings(Settings, argv)
-    s = replace(s, out_dir=common.default_out_dir(s.out_dir, s.model))
+    s = replace(s, out_dir=run_dirs.default_out_dir(s.out_dir, s.model))
     if s.method != "sdpo":
         raise ValueError(f"--method {s.method!r}: exp03 compares teachers of SDPO only; use --method sdpo")
     try:

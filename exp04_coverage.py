@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import common
+from infra import run_dirs
 import exp02_onpolicy_grpo_sdpo as exp02
 from infra.settings import arg, cli, parse_settings
 
@@ -84,7 +85,7 @@ def batches(world, problems: list[dict] | None, batch: int, seed: int):
 
 def main(argv=None) -> list[dict]:
     s = parse_settings(Settings, argv)
-    s = replace(s, out_dir=common.default_out_dir(s.out_dir, s.model))
+    s = replace(s, out_dir=run_dirs.default_out_dir(s.out_dir, s.model))
     if s.method not in ("grpo", "sdpo", "all"):
         raise ValueError(f"--method {s.method!r}: use grpo, sdpo or all")
     methods = [("grpo", "s"), ("sdpo", s.teacher_context)] if s.method == "all" else [(s.method, s.teacher_context)]

@@ -43,7 +43,7 @@ import torch
 import benchmark_training as bench
 import common
 import exp02_onpolicy_grpo_sdpo as exp02
-from infra import parallel
+from infra import parallel, run_dirs
 
 FULL = dict(
     a=dict(
@@ -282,7 +282,7 @@ def main(argv=None) -> dict:
     if args.device.startswith("cuda"):
         torch.cuda.set_device(args.device)
     t_start, sizes = time.perf_counter(), TINY if args.tiny else FULL
-    env = common.environment_info()
+    env = run_dirs.environment_info()
     result = {
         "plan": plan(args),
         "machine": {

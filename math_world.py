@@ -30,18 +30,21 @@ FORCING_WORD = "Wait"
 HEADLINE = {"AIME24 avg@k": (["eval/aime24/avg@"], 3), "AMC23 avg@k": (["eval/amc23/avg@"], 3),
             "doubt words": (["eval/aime24/epistemic/total"], 2),
             "length": (["eval/aime24/response_length"], 1)}
-HEADLINE_NOTE = "avg@k on AIME24 and AMC23; doubt words (epistemic count) and length (tokens) per response on AIME24"
+HEADLINE_NOTE = ("avg@k on AIME24 and AMC23; doubt words (epistemic count) and length (tokens) per "
+                 "response on AIME24")
 
 
 # ---------------------------------------------------------------------------------------------
 # The interface
 # ---------------------------------------------------------------------------------------------
 def training_problems(n: int, train_file: str | None = None) -> list[dict]:
-    """The training file, or DAPO-Math-17k from the hub (n, the toy world's pool size, is unused)."""
+    """The training file, or DAPO-Math-17k from the hub (n: the toy world's pool size, unused)."""
     return load_train_problems(train_file)
 
 
-def evaluation_sets(n: int, names=None, data_dir: str | None = None, train_graphs: bool = False) -> dict:
+def evaluation_sets(
+    n: int, names=None, data_dir: str | None = None, train_graphs: bool = False
+) -> dict:
     """The benchmark sets `names` (default DEFAULT_EVAL) from data_dir or the hub."""
     return {name: load_problems(name, data_dir) for name in names or DEFAULT_EVAL}
 
@@ -51,8 +54,10 @@ def check_files(train_file: str | None, data_dir: str | None, names=None) -> Non
         raise FileNotFoundError(f"--train-file {train_file} does not exist")
     for name in names or DEFAULT_EVAL if data_dir else ():
         if not (Path(data_dir) / f"{name}.parquet").exists():
-            raise FileNotFoundError(f"{Path(data_dir) / name}.parquet not found: --data-dir must hold "
-                                    f"{', '.join(names or DEFAULT_EVAL)} parquet files in the paper's layout")
+            raise FileNotFoundError(
+                f"{Path(data_dir) / name}.parquet not found: --data-dir must hold "
+                f"{', '.join(names or DEFAULT_EVAL)} parquet files in the paper's layout"
+            )
 
 
 def eval_sampling(preset: dict, k: int, max_new_tokens: int) -> tuple[int, float, float, int]:
@@ -69,7 +74,8 @@ EVAL_SETS = {  # name -> (hub id, split, question column, answer column)
     "amc23": ("math-ai/amc23", "test", "question", "answer"),
     "math500": ("HuggingFaceH4/MATH-500", "test", "problem", "answer"),
 }
-INSTRUCTION = "\nPlease reason step by step, and put your final answer within \\boxed{}."  # as in the paper's files
+# as in the paper's files
+INSTRUCTION = "\nPlease reason step by step, and put your final answer within \\boxed{}."
 
 
 def load_problems(name: str, data_dir: str | None = None) -> list[dict]:
@@ -80,7 +86,9 @@ def load_problems(name: str, data_dir: str | None = None) -> list[dict]:
     if data_dir:
         path = Path(data_dir) / f"{name}.parquet"
         if not path.exists():
-            raise FileNotFoundError(f"{path} not found: --data-dir must hold {name}.parquet in the paper's layout")
+            raise FileNotFoundError(
+                f"{path} not found: --data-dir must hold {name}.parquet in the paper's layout"
+            )
         return read_paper_parquet(path)
     hub_id, split, q, a = EVAL_SETS[name]
     rows = hub.load_hub_dataset(hub_id, split)
@@ -88,8 +96,11 @@ def load_problems(name: str, data_dir: str | None = None) -> list[dict]:
 
 
 DAPO_HUB_ID = "BytedTsinghua-SIA/DAPO-Math-17k"
-_DAPO_HEAD = ("Solve the following math problem step by step. The last line of your response should be of the form "
-              "Answer: $Answer (without quotes) where $Answer is the answer to the problem.\n\n")
+_DAPO_HEAD = (
+    "Solve the following math problem step by step. The last line of your response should be "
+    "of the form "
+    "Answer: $Answer (without quotes) where $Answer is the answer to the problem.\n\n"
+)
 _DAPO_TAIL = '\n\nRemember to put your answer on its own line after "Answer:".'
 
 
@@ -119,7 +130,8 @@ _UNESCAPED_DOLLAR = re.compile(r"(?<!\\)\$")
 
 def _wrap_gold(gold: str) -> str:
     # Bare LaTeX golds mis-parse: "\left( 3, \frac{\pi}{2} \right)" alone parses to 3. Boxing makes
-    # math-verify's boxed extractor take the whole expression. "\$18.90" is an escaped dollar, not math mode.
+    # math-verify's boxed extractor take the whole expression. "\$18.90" is an escaped dollar,
+    # not math mode.
     if "\\boxed" in gold or _UNESCAPED_DOLLAR.search(gold):
         return gold
     return f"\\boxed{{{gold}}}"
@@ -135,24 +147,36 @@ def _extraction_config() -> tuple:
 def _parse_gold(gold: str, alarm_s: int | None) -> tuple:
     # Eval grades 16 samples per gold, so each worker parses a gold once. Exceptions are not cached.
     from math_verify import parse
-    return tuple(parse(_wrap_gold(gold), list(_extraction_config()), parsing_timeout=alarm_s, raise_on_error=True))
+
+    return tuple(
+        parse(
+            _wrap_gold(gold),
+            list(_extraction_config()),
+            parsing_timeout=alarm_s,
+            raise_on_error=True,
+        )
+    )
 
 
 def verify_answer(answer: str, gold: str, timeout_s: float | None) -> tuple[bool, str]:
     """Grade one final answer -> (correct, status), status in {"ok", "timeout", "error: ..."}.
 
-    Same result as math_verify.verify(parse(gold), parse(answer)) with its defaults, but failures are
-    reported instead of silently scored 0: we compare each (gold, pred) candidate pair ourselves so a
+    Same result as math_verify.verify(parse(gold), parse(answer)) with its defaults, but failures
+    are reported instead of silently scored 0: we compare each (gold, pred) candidate pair so a
     pair that raises does not hide another pair that matches. timeout_s=None turns math-verify's
     signal.alarm off (used in workers, where the parent's kill is the timeout).
     """
     from math_verify import parse, verify as mv_verify
     from math_verify.errors import TimeoutException  # a BaseException: `except Exception` misses it
 
-    alarm_s = None if timeout_s is None else max(1, math.ceil(timeout_s))  # signal.alarm takes whole seconds
+    alarm_s = (
+        None if timeout_s is None else max(1, math.ceil(timeout_s))
+    )  # signal.alarm takes whole seconds
     try:
         golds = _parse_gold(gold, alarm_s)
-        preds = parse(answer, list(_extraction_config()), parsing_timeout=alarm_s, raise_on_error=True)
+        preds = parse(
+            answer, list(_extraction_config()), parsing_timeout=alarm_s, raise_on_error=True
+        )
     except TimeoutException:
         return False, "timeout"
     except Exception as e:  # noqa: BLE001 -- counted, never swallowed
@@ -180,7 +204,9 @@ def verify(response: str, gold: str, think_in_prompt: bool = False, timeout_s: f
     math-verify uses signal.alarm, so this must run in the MAIN thread; use grade() anywhere else.
     """
     if threading.current_thread() is not threading.main_thread():
-        raise RuntimeError("verify() uses signal.alarm and must run in the main thread; use grade()")
+        raise RuntimeError(
+            "verify() uses signal.alarm and must run in the main thread; use grade()"
+        )
     answer = common.split_thinking(response, think_in_prompt)[1]
     if not answer:  # unfinished thinking or empty final answer
         return False
@@ -211,18 +237,28 @@ def grade(responses: list[str], golds: list[str], think_in_prompt: bool = False,
     if len(responses) != len(golds):
         raise ValueError(f"grade(): {len(responses)} responses but {len(golds)} golds")
     if not timeout_s > 0 or (workers is not None and workers < 0):
-        raise ValueError(f"grade(): need timeout_s > 0 and workers >= 0, got {timeout_s}, {workers}")
+        raise ValueError(
+            f"grade(): need timeout_s > 0 and workers >= 0, got {timeout_s}, {workers}"
+        )
     t0 = time.monotonic()
     answers = [common.split_thinking(r, think_in_prompt)[1] for r in responses]
-    jobs = [(i, a, str(g)) for i, (a, g) in enumerate(zip(answers, golds)) if a]  # None/"" -> 0, no trip
+    jobs = [
+        (i, a, str(g)) for i, (a, g) in enumerate(zip(answers, golds)) if a
+    ]  # None/"" -> 0, no trip
     workers = grader_pool.default_workers() if workers is None else workers
     if workers == 0 or not jobs:
         if jobs and threading.current_thread() is not threading.main_thread():
             raise RuntimeError("grade(workers=0) uses signal.alarm and must run in the main thread")
         results = {i: verify_answer(a, g, timeout_s) for i, a, g in jobs}
     else:
-        done = grader_pool.run(verify_answer, [(a, g, None) for _, a, g in jobs], timeout_s, workers,
-                               warm_up=_warm_up, preload=[__name__, "math_verify"])
+        done = grader_pool.run(
+            verify_answer,
+            [(a, g, None) for _, a, g in jobs],
+            timeout_s,
+            workers,
+            warm_up=_warm_up,
+            preload=[__name__, "math_verify"],
+        )
         results = {i: r for (i, _, _), r in zip(jobs, done)}
     report = common.GradeReport(correct=[False] * len(responses))
     for i, (ok, status) in sorted(results.items()):

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 import torch
 
 import common
-from infra import loss_head, rollout
+from infra import loss_head, rollout, tables
 from infra.settings import arg, cli, parse_settings
 
 LABELS = [f"n{i}" for i in range(48)]
@@ -374,7 +374,7 @@ def main(argv: list[str] | None = None) -> None:
             row[f"{HINT_LABELS[hint]} accuracy"] = m["accuracy"]
             row[f"{HINT_LABELS[hint]} doubt words"] = m["epistemic/total"]
         rows.append(row)
-    print(common.format_table(rows))
+    print(tables.format_table(rows))
     print("accuracy: greedy, n = 200 graphs per cell; doubt words: epistemic count per response")
 
 

@@ -17,7 +17,8 @@ from infra import parallel
 
 def save_checkpoint(run: Path, step: int, state: dict, keep: int = 1) -> None:
     """torch.save(state) into checkpoints/step_XXXXXX/ through a temporary directory and a rename
-    (atomic); only the newest `keep` checkpoints stay (the release keeps all, ~100 GB each at 8B)."""
+    (atomic); only the newest `keep` checkpoints stay (the release keeps all, ~100 GB each at
+    8B)."""
     root = Path(run) / "checkpoints"
     tmp, final = root / f".tmp_step_{step:06d}", root / f"step_{step:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -40,18 +41,31 @@ def load_checkpoint(run: Path) -> tuple[int, dict]:
         return 0, {}
     state = torch.load(found[-1] / "state.pt", weights_only=False)
     rows = [r for r in common.read_metrics(run) if r["step"] <= state["step"]]
-    common.write_json_atomic(Path(run) / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    common.write_json_atomic(
+        Path(run) / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows)
+    )
     return state["step"], state
 
 
 def save_state(run, step, student, opt, sched, teacher_fp32, keep: int) -> None:
     """Everything a resume needs, gathered whole from the shards (the frozen teacher is the loaded
     model and the EMA teacher's weights are its fp32 shadows: neither is saved separately)."""
-    state = dict(parallel.gather_full_state(student, opt), teacher_fp32=parallel.gather_tensors(teacher_fp32))
+    state = dict(
+        parallel.gather_full_state(student, opt), teacher_fp32=parallel.gather_tensors(teacher_fp32)
+    )
     if parallel.is_main():
-        save_checkpoint(run, step, {"student": state["model"], "optimizer": state["optimizer"],
-                                           "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state(),
-                                           "teacher_fp32": state["teacher_fp32"]}, keep)
+        save_checkpoint(
+            run,
+            step,
+            {
+                "student": state["model"],
+                "optimizer": state["optimizer"],
+                "scheduler": sched.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "teacher_fp32": state["teacher_fp32"],
+            },
+            keep,
+        )
 
 
 def load_state(run, student, opt, sched, teacher, teacher_fp32) -> int:
@@ -69,7 +83,9 @@ def load_state(run, student, opt, sched, teacher, teacher_fp32) -> int:
     if step == 0:
         return 0
     state = full.get("state", {})
-    parallel.load_full_state(student, opt, {"model": state.get("student", {}), "optimizer": state.get("optimizer", {})})
+    parallel.load_full_state(
+        student, opt, {"model": state.get("student", {}), "optimizer": state.get("optimizer", {})}
+    )
     sched.load_state_dict(sched_state)
     torch.set_rng_state(rng)
     parallel.scatter_tensors(teacher_fp32, state.get("teacher_fp32"))

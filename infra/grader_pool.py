@@ -1,6 +1,7 @@
 """The grader's worker pool: each item graded in a worker process under a wall-clock limit; a
-hung worker is killed and replaced (pebble's ProcessPool). Infrastructure only: what counts as a
-correct answer is `math_world.verify_answer`."""
+hung worker is killed and replaced (pebble's ProcessPool).
+Infrastructure only (the science is in the experiments, common.py and the worlds: what counts as
+a correct answer is `math_world.verify_answer`)."""
 from __future__ import annotations
 
 import atexit
@@ -57,7 +58,9 @@ def _result(future) -> tuple:
         return False, f"error: {type(e).__name__}: {str(e)[:200]}"
 
 
-def run(fn, jobs: list[tuple], timeout_s: float, workers: int, warm_up, preload: list[str]) -> list[tuple]:
+def run(
+    fn, jobs: list[tuple], timeout_s: float, workers: int, warm_up, preload: list[str]
+) -> list[tuple]:
     """[fn(*job) for job in jobs] in worker processes, each job under `timeout_s` seconds of wall
     clock from when a worker picks it up. fn returns (ok, status); a job over time is
     (False, "timeout"), a worker that died or raised (False, "error: ...")."""
@@ -74,7 +77,9 @@ def run(fn, jobs: list[tuple], timeout_s: float, workers: int, warm_up, preload:
             ctx = mp.get_context("forkserver" if "forkserver" in methods else "spawn")
             if ctx.get_start_method() == "forkserver":
                 ctx.set_forkserver_preload(preload)
-            _POOL = ProcessPool(max_workers=workers, initializer=_start_worker, initargs=(warm_up,), context=ctx)
+            _POOL = ProcessPool(
+                max_workers=workers, initializer=_start_worker, initargs=(warm_up,), context=ctx
+            )
             _POOL_KEY = key
         try:
             # Chunks of items per task (one task per item costs ~30 % of the throughput); a chunk
@@ -82,8 +87,12 @@ def run(fn, jobs: list[tuple], timeout_s: float, workers: int, warm_up, preload:
             # item is "timeout" only when it alone takes more than timeout_s.
             size = max(1, min(32, -(-len(jobs) // (4 * workers))))
             chunks = [jobs[i:i + size] for i in range(0, len(jobs), size)]
-            futures = [_POOL.schedule(fn, args=c[0], timeout=timeout_s) if len(c) == 1 else
-                       _POOL.schedule(_run_chunk, args=(fn, c), timeout=timeout_s * len(c)) for c in chunks]
+            futures = [
+                _POOL.schedule(fn, args=c[0], timeout=timeout_s)
+                if len(c) == 1
+                else _POOL.schedule(_run_chunk, args=(fn, c), timeout=timeout_s * len(c))
+                for c in chunks
+            ]
             out = []
             for chunk, future in zip(chunks, futures):
                 if len(chunk) == 1:

@@ -25,7 +25,9 @@ def hub_unreachable(hub_id: str, kind: str) -> str | None:
 
     url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     try:
-        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=3).close()
+        socket.create_connection(
+            (url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=3
+        ).close()
         return None
     except OSError as e:
         return f"{url.hostname}: {e}"
@@ -37,16 +39,24 @@ def offline_message(hub_id: str, kind: str, error: BaseException | str) -> str:
         f"{error.__class__.__name__}: {' '.join(str(error).split())}"
     local = ("pass the directory with --model PATH" if kind == "model" else
              "pass local parquet files in the paper's layout with --train-file / --data-dir")
-    return (f"could not load the {kind} {hub_id!r} from the Hugging Face hub ({what}). If this machine is "
-            f"offline: download it on a connected one (`huggingface-cli download {hub_id}`"
-            f"{' --repo-type dataset' if kind == 'dataset' else ''}) and either copy the cache here "
-            f"and set HF_HUB_OFFLINE=1, or {local}.")
+    return (
+        f"could not load the {kind} {hub_id!r} from the Hugging Face hub ({what}). If this "
+        "machine is "
+        f"offline: download it on a connected one (`huggingface-cli download {hub_id}`"
+        f"{' --repo-type dataset' if kind == 'dataset' else ''}) and either copy the cache here "
+        f"and set HF_HUB_OFFLINE=1, or {local}."
+    )
 
 
 def load_hub_dataset(hub_id: str, split: str):
     """datasets.load_dataset, failing at once (SetupError naming the local-file options) when the
     hub cannot be reached, instead of after the hub client's retries."""
-    offline = hub_offline() or os.environ.get("HF_DATASETS_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+    offline = hub_offline() or os.environ.get("HF_DATASETS_OFFLINE", "0").lower() in (
+        "1",
+        "true",
+        "yes",
+        "on",
+    )
     why = None if offline else hub_unreachable(hub_id, "dataset")
     if why:
         raise SetupError(offline_message(hub_id, "dataset", why))
@@ -54,5 +64,7 @@ def load_hub_dataset(hub_id: str, split: str):
         import datasets
 
         return datasets.load_dataset(hub_id, split=split)
-    except Exception as e:  # offline machines raise ConnectionError, OSError or DatasetNotFoundError
+    except (
+        Exception
+    ) as e:  # offline machines raise ConnectionError, OSError or DatasetNotFoundError
         raise SetupError(offline_message(hub_id, "dataset", e)) from None

@@ -24,7 +24,9 @@ def pack_sequences(pairs: list[tuple[list[int], list[int]]], pad_id: int):
     return ids, mask, labels
 
 
-def lm_step(model, opt, pairs: list[tuple[list[int], list[int]]], pad_id: int, grad_clip: float = 1.0) -> float:
+def lm_step(
+    model, opt, pairs: list[tuple[list[int], list[int]]], pad_id: int, grad_clip: float = 1.0
+) -> float:
     """One optimizer step of supervised next-token learning on [(prompt ids, response ids)]:
     cross-entropy on the response tokens only, averaged over all response tokens of the batch
     (pretraining of the toy model and the SFT of exp01)."""
@@ -69,7 +71,16 @@ def last_hidden_state(model, input_ids, attention_mask) -> torch.Tensor:
     return box[0]
 
 
-def token_stats(model, input_ids, attention_mask, labels, k: int | None, chunk: int, topk_ids=None, grad: bool = True):
+def token_stats(
+    model,
+    input_ids,
+    attention_mask,
+    labels,
+    k: int | None,
+    chunk: int,
+    topk_ids=None,
+    grad: bool = True,
+):
     """For the N response tokens (row-major): log-prob of each token, the distribution over the
     top-k ids (the student's own when topk_ids is None, else the given ids; k = 0: the full
     vocabulary; k = None: none), entropy, the ids, and the (B, T-1) mask of response positions.
@@ -83,8 +94,11 @@ def token_stats(model, input_ids, attention_mask, labels, k: int | None, chunk: 
         for a in range(0, len(hidden), chunk):
             ids = None if topk_ids is None else topk_ids[a:a + chunk]
             args = (hidden[a:a + chunk], weight, tgt[a:a + chunk], k, ids)
-            outs.append(torch.utils.checkpoint.checkpoint(_chunk_stats, *args, use_reentrant=False) if grad
-                        else _chunk_stats(*args))
+            outs.append(
+                torch.utils.checkpoint.checkpoint(_chunk_stats, *args, use_reentrant=False)
+                if grad
+                else _chunk_stats(*args)
+            )
     if not grad:
         parallel.reshard(model)
     tok, dist, entropy = (torch.cat([o[i] for o in outs]) for i in range(3))

@@ -9,6 +9,7 @@ import atexit
 import contextlib
 import os
 
+import numpy as np
 import torch
 
 
@@ -25,7 +26,9 @@ def init_distributed(device: str) -> str:
     if dist.is_initialized():  # a second arm or seed in the same run
         return device
     dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())  # a rank that failed
+    atexit.register(
+        lambda: dist.is_initialized() and dist.destroy_process_group()
+    )  # a rank that failed
     return device
 
 
@@ -122,7 +125,11 @@ def bf16_compute(device) -> contextlib.AbstractContextManager:
     """bf16 autocast on CUDA (fp32 master weights, bf16 matmuls), nothing on CPU. Under FSDP2 the
     mixed-precision policy already gathers bf16 parameters; autocast then changes nothing."""
     device = torch.device(device)
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    return (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if device.type == "cuda"
+        else contextlib.nullcontext()
+    )
 
 
 def shard_model(model, mixed_precision: bool) -> None:
@@ -141,8 +148,11 @@ def shard_model(model, mixed_precision: bool) -> None:
 
     # HF returns views of its outputs; we never modify them in place, so FSDP's warning is moot.
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
-    mp_policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision
-                 else MixedPrecisionPolicy())
+    mp_policy = (
+        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if mixed_precision
+        else MixedPrecisionPolicy()
+    )
     for layer in model.model.layers:
         fully_shard(layer, mp_policy=mp_policy)
     fully_shard(model, mp_policy=mp_policy)
@@ -177,7 +187,11 @@ def full_weights(model, dtype=torch.bfloat16):
 def gather_full_state(model, optimizer=None) -> dict:
     """{"model": full fp32 state dict, "optimizer": full optimizer state} on CPU, for checkpoints:
     complete on rank 0, empty on the other ranks (a collective: every rank must call it)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_state_dict,
+    )
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     if optimizer is None:
@@ -193,7 +207,9 @@ def load_full_state(model, optimizer, state: dict) -> None:
                                                          set_optimizer_state_dict)
 
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=world_size() > 1)
-    set_model_state_dict(model, state.get("model", {}), options=options)  # (set_state_dict skips an empty dict)
+    set_model_state_dict(
+        model, state.get("model", {}), options=options
+    )  # (set_state_dict skips an empty dict)
     set_optimizer_state_dict(model, optimizer, state.get("optimizer", {}), options=options)
 
 
@@ -213,7 +229,11 @@ def scatter_tensors(tensors: list[torch.Tensor], full: list[torch.Tensor] | None
             continue
         import torch.distributed as dist
 
-        whole = full[i].to(t.device) if is_main() else torch.empty(t.shape, dtype=t.dtype, device=t.device)
+        whole = (
+            full[i].to(t.device)
+            if is_main()
+            else torch.empty(t.shape, dtype=t.dtype, device=t.device)
+        )
         dist.broadcast(whole, src=0)
         t.copy_(distribute_tensor(whole, t.device_mesh, t.placements, src_data_rank=None))
 
@@ -221,7 +241,8 @@ def scatter_tensors(tensors: list[torch.Tensor], full: list[torch.Tensor] | None
 class ShardedGenerator:
     """Wraps a generator for evaluation under torchrun: each rank samples a contiguous share of
     the prompts and every rank gets all samples back in order. Shares are padded to equal size,
-    so that FSDP's collective forwards (transformers backend) stay in step. One rank: a pass-through."""
+    so that FSDP's collective forwards (transformers backend) stay in step. One rank: a
+    pass-through."""
 
     def __init__(self, generator):
         self.generator = generator
@@ -232,3 +253,18 @@ class ShardedGenerator:
         padded = mine + [prompts[-1]] * (per - len(mine))
         out = self.generator.generate(padded, seed=seed + 1_000_003 * rank(), **kwargs)[:len(mine)]
         return [group for part in gather_objects(out) for group in part]
+
+
+def merge_logs(logs: list[dict]) -> dict:
+    """Every rank's per-micro-batch logs merged: plain values averaged; (sum, count) pairs summed
+    over all micro-batches of all ranks -> sum / count under `sdpo/<key>` (None: no such token)."""
+    logs = [x for part in gather_objects(logs) for x in part]
+    merged = {}
+    for key in logs[0]:
+        vals = [entry[key] for entry in logs]
+        if isinstance(vals[0], tuple):
+            total, count = map(sum, zip(*vals))
+            merged[f"sdpo/{key}"] = total / count if count else None
+        else:
+            merged[key] = float(np.mean(vals))
+    return merged

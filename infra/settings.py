@@ -24,7 +24,9 @@ def arg(default=None, help: str = "", **worlds):  # noqa: A002 -- the name HfArg
         help = f"{help} (default: {shown})"
     elif default is not None:
         help = f"{help} (default: {default})"
-    return dataclasses.field(default=default, metadata=_Metadata(help=help.replace("%", "%%"), worlds=worlds))
+    return dataclasses.field(
+        default=default, metadata=_Metadata(help=help.replace("%", "%%"), worlds=worlds)
+    )
 
 
 class _Metadata(dict):
@@ -54,11 +56,18 @@ def world_defaults(s, world: str, **keys):
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
         """One line instead of a usage dump; an unknown flag names the closest real one."""
-        flags = [o for a in self._actions for o in a.option_strings if o.startswith("--") and "_" not in o]
+        flags = [
+            o
+            for a in self._actions
+            for o in a.option_strings
+            if o.startswith("--") and "_" not in o
+        ]
         bad = re.search(r"unrecognized arguments: (\S+)", message)
         if bad:
             close = difflib.get_close_matches(bad.group(1).split("=")[0], flags, n=1, cutoff=0.6)
-            message = f"unknown flag {bad.group(1)}" + (f"; did you mean {close[0]}?" if close else "")
+            message = f"unknown flag {bad.group(1)}" + (
+                f"; did you mean {close[0]}?" if close else ""
+            )
         print(f"error: {message} (see --help)", file=sys.stderr)
         raise SystemExit(2)
 
@@ -72,9 +81,15 @@ def parse_settings(cls, argv: list[str] | None = None):
         pass
 
     doc = (sys.modules[cls.__module__].__doc__ or "").split("\n")[0]
-    parser = Parser(cls, description=doc, allow_abbrev=False, formatter_class=argparse.HelpFormatter)
+    parser = Parser(
+        cls, description=doc, allow_abbrev=False, formatter_class=argparse.HelpFormatter
+    )
     for f in dataclasses.fields(cls):  # `bool | None` flags: a bare --flag means true, as for bool
-        if isinstance(f.type, types.UnionType) and bool in f.type.__args__ or f.type in ("bool | None",):
+        if (
+            isinstance(f.type, types.UnionType)
+            and bool in f.type.__args__
+            or f.type in ("bool | None",)
+        ):
             for action in parser._actions:
                 if action.dest == f.name:
                     action.nargs, action.const = "?", True
@@ -98,9 +113,17 @@ def resume_command() -> str:
 
     args = [a for a in sys.argv[1:]] + ([] if "--resume" in sys.argv else ["--resume"])
     if parallel.world_size() > 1:
-        launcher = ["torchrun", "--nproc_per_node", os.environ.get("LOCAL_WORLD_SIZE", str(parallel.world_size()))]
+        launcher = [
+            "torchrun",
+            "--nproc_per_node",
+            os.environ.get("LOCAL_WORLD_SIZE", str(parallel.world_size())),
+        ]
     else:
-        launcher = [Path(sys.executable).name if Path(sys.executable).parent == Path(".") else sys.executable]
+        launcher = [
+            Path(sys.executable).name
+            if Path(sys.executable).parent == Path(".")
+            else sys.executable
+        ]
     return shlex.join(launcher + [sys.argv[0]] + args)
 
 
@@ -131,6 +154,12 @@ def cli(main_fn, argv=None):
         raise SystemExit(2) from None
     except (Interrupted, KeyboardInterrupt) as e:
         if parallel.is_main():
-            where = f"{e.run}: {progress(e.run)}" if isinstance(e, Interrupted) else "before training began"
-            print(f"interrupted (Ctrl-C), {where}; continue with: {resume_command()}", file=sys.stderr)
+            where = (
+                f"{e.run}: {progress(e.run)}"
+                if isinstance(e, Interrupted)
+                else "before training began"
+            )
+            print(
+                f"interrupted (Ctrl-C), {where}; continue with: {resume_command()}", file=sys.stderr
+            )
         raise SystemExit(130) from None

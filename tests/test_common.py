@@ -7,9 +7,9 @@ import sys
 from dataclasses import dataclass
 
 import pytest
-import torch
 
 import common
+from infra import run_dirs
 from infra import loss_head, rollout, settings  # noqa: E402
 import math_world  # noqa: E402
 from tiny import TINY, TINY_R1  # noqa: E402
@@ -89,7 +89,7 @@ def test_run_directory_atomic_and_never_overwritten(tmp_path):
         seed: int = 3
         """a seed"""
 
-    run = common.start_run(tmp_path / "run", S())
+    run = run_dirs.start_run(tmp_path / "run", S())
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["settings"] == {"seed": 3} and "torch" in cfg["packages"] and "git_commit" in cfg
     common.log_metrics(run, 1, {"train/reward": 0.5})
@@ -99,8 +99,8 @@ def test_run_directory_atomic_and_never_overwritten(tmp_path):
     common.finish_run(run, {"done": True})
     assert not list(run.rglob(".*.tmp*"))
     with pytest.raises(FileExistsError, match="--overwrite"):
-        common.start_run(run, S())
-    common.start_run(run, S(), overwrite=True)
+        run_dirs.start_run(run, S())
+    run_dirs.start_run(run, S(), overwrite=True)
     assert not (run / "metrics.jsonl").exists()
 
 

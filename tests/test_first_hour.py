@@ -16,12 +16,13 @@ from pathlib import Path
 import pytest
 
 import common
+from infra import run_dirs
 from infra import hub  # noqa: E402
 import exp01_offpolicy as e1
 import exp02_onpolicy_grpo_sdpo as e2
 import make_figures as mf
 from test_exp02 import write_paper_parquet
-from test_figures import onpolicy_run, synthetic_results
+from test_figures import onpolicy_run
 
 ROOT = Path(__file__).resolve().parents[1]
 EXP02 = [sys.executable, str(ROOT / "exp02_onpolicy_grpo_sdpo.py")]
@@ -66,15 +67,15 @@ def test_finished_run_without_resume_and_sweep_only_flags(tmp_path):
     assert proc.returncode == 2 and "holds a finished run" in proc.stderr, proc.stderr[-2000:]
     assert seconds < 5, seconds
     s = e2.Settings(model="qwen3-8b", steps=2, seeds="0,1", out_dir="elsewhere")  # sweep-only: ignored
-    assert common.check_run(tmp_path / "grpo" / "seed0", s, resume=True, sweep_only=s.SWEEP_ONLY) == "finished"
+    assert run_dirs.check_run(tmp_path / "grpo" / "seed0", s, resume=True, sweep_only=s.SWEEP_ONLY) == "finished"
 
 
 def test_toy_and_8b_default_directories_differ():
     for script in (e1, e2):
-        toy = common.default_out_dir(script.Settings.out_dir, "toy")
-        big = common.default_out_dir(script.Settings.out_dir, "qwen3-8b")
+        toy = run_dirs.default_out_dir(script.Settings.out_dir, "toy")
+        big = run_dirs.default_out_dir(script.Settings.out_dir, "qwen3-8b")
         assert toy != big and "qwen3-8b" in big and "toy" in toy
-    assert common.default_out_dir("runs/{model}/exp02", "Qwen/Qwen3-8B") == "runs/Qwen_Qwen3-8B/exp02"
+    assert run_dirs.default_out_dir("runs/{model}/exp02", "Qwen/Qwen3-8B") == "runs/Qwen_Qwen3-8B/exp02"
 
 
 # ---- 2. checks before loading: backend, flag combinations, data files ----

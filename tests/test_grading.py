@@ -11,7 +11,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import common
 import math_world
 from common import (EPISTEMIC_WORDS, avg_at_k, count_epistemic, epistemic_total, mean_pass_at_k, pass_at_k,
                     per_1k_tokens, split_thinking, strip_thinking)

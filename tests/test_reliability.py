@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 
 import common
+from infra import run_dirs
 from infra import checkpoints  # noqa: E402
 import math_world  # noqa: E402
 from tiny import TINY as TINY_MODEL  # noqa: E402
@@ -126,13 +127,13 @@ def test_unfinished_run_is_neither_overwritten_nor_silently_continued(tmp_path):
         seed: int = 0
         """seed"""
 
-    run = common.start_run(tmp_path / "r", S())
+    run = run_dirs.start_run(tmp_path / "r", S())
     common.log_metrics(run, 1, {"x": 1.0})
     with pytest.raises(FileExistsError, match="--resume"):
-        common.start_run(run, S())
+        run_dirs.start_run(run, S())
     with pytest.raises(ValueError, match=r"other settings .* --seed \(run: 0, now: 1\)"):
-        common.start_run(run, S(seed=1), resume=True)
-    assert common.start_run(run, S(), resume=True) == run
+        run_dirs.start_run(run, S(seed=1), resume=True)
+    assert run_dirs.start_run(run, S(), resume=True) == run
     with open(run / "metrics.jsonl", "a") as f:
         f.write('{"step": 2, "x": ')  # a line cut by a crash
     assert [r["step"] for r in common.read_metrics(run)] == [1]
@@ -147,16 +148,16 @@ def test_resume_skips_finished_runs_and_starts_runs_not_begun(tmp_path):
         seed: int = 0
         """seed"""
 
-    done = common.start_run(tmp_path / "done", S())
+    done = run_dirs.start_run(tmp_path / "done", S())
     common.finish_run(done, {"final": {"x": 1.0}})
-    assert common.check_run(done, S(), resume=True) == "finished"
-    assert common.read_final(done) == {"final": {"x": 1.0}}
+    assert run_dirs.check_run(done, S(), resume=True) == "finished"
+    assert run_dirs.read_final(done) == {"final": {"x": 1.0}}
     with pytest.raises(FileExistsError, match="--resume to reuse it"):
-        common.check_run(done, S())
+        run_dirs.check_run(done, S())
     with pytest.raises(ValueError, match="finished run"):  # finished runs are compared too
-        common.check_run(done, S(seed=1), resume=True)
-    assert common.check_run(tmp_path / "new", S(), resume=True) == "new"
-    assert common.start_run(tmp_path / "new", S(), resume=True) == tmp_path / "new"
+        run_dirs.check_run(done, S(seed=1), resume=True)
+    assert run_dirs.check_run(tmp_path / "new", S(), resume=True) == "new"
+    assert run_dirs.start_run(tmp_path / "new", S(), resume=True) == tmp_path / "new"
     assert (tmp_path / "new" / "config.json").exists()
 
 

@@ -1,0 +1,123 @@
+"""Run directories: the refuse / resume / overwrite policy, decided before anything loads, and
+config.json's provenance (settings, commit, versions).
+Infrastructure only (the science is in the experiments, common.py and the worlds)."""
+import dataclasses
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from common import PRESETS, ROOT, write_json_atomic
+
+
+def environment_info() -> dict:
+    def version(pkg):
+        try:
+            return importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = bool(
+            subprocess.run(
+                ["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True
+            ).stdout
+        )
+    except OSError:
+        commit, dirty = None, None
+    return {
+        "git_commit": commit or None,
+        "git_dirty": dirty,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "packages": {
+            p: version(p)
+            for p in ("torch", "transformers", "datasets", "numpy", "math-verify", "vllm")
+        },
+    }
+
+
+def model_slug(name: str) -> str:
+    """A directory name for a model: the preset name, or the hub id / path with / -> _."""
+    return (
+        name if name in PRESETS else re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "model"
+    )
+
+
+def default_out_dir(out_dir: str, model: str) -> str:
+    """`{model}` in a default --out-dir becomes the model's slug, so the runs of two models (the
+    toy and an 8B) never share a directory."""
+    return out_dir.replace("{model}", model_slug(model))
+
+
+def check_run(out_dir: str | Path, settings, overwrite: bool = False, resume: bool = False,
+              sweep_only: tuple = ()) -> str:
+    """What may be done with a run directory, decided before anything is loaded or written:
+    "new" (start it), "continue" (resume an unfinished run with the same settings) or "finished"
+    (under --resume, a finished run with the same settings: reuse its final.json). Refuses
+    (FileExistsError / ValueError naming the fix) a finished run without --resume or --overwrite,
+    an unfinished one without --resume or --overwrite, and --resume with other settings than the
+    run's (`sweep_only` fields say how a sweep is launched, not what a run computes)."""
+    run = Path(out_dir)
+    if overwrite or not (run / "config.json").exists():
+        return "new"
+    finished = (run / "final.json").exists()
+    if not resume:
+        if finished:
+            raise FileExistsError(
+                f"{run} holds a finished run (final.json): pass --resume to reuse it, "
+                "--overwrite to replace it, or choose another --out-dir"
+            )
+        raise FileExistsError(
+            f"{run} holds an unfinished run: pass --resume to continue it or --overwrite to restart"
+        )
+    saved = json.loads((run / "config.json").read_text())["settings"]
+    now = json.loads(json.dumps(dataclasses.asdict(settings), default=str))
+    changed = [f"--{k.replace('_', '-')} (run: {saved[k]}, now: {now[k]})" for k in now
+               if k in saved and k not in sweep_only and saved[k] != now[k]]
+    if changed:
+        raise ValueError(
+            f"--resume with other settings than the {'finished' if finished else 'unfinished'} "
+            f"run in {run}: {'; '.join(changed)}. Resume with the same flags, or choose "
+            "another --out-dir, or pass --overwrite"
+        )
+    return "finished" if finished else "continue"
+
+
+def start_run(out_dir: str | Path, settings, overwrite: bool = False, resume: bool = False,
+              sweep_only: tuple = ()) -> Path:
+    """Create a run directory and write config.json (all settings, seed, commit, versions), after
+    `check_run`: a run to continue is returned as it is; --overwrite clears the old run's files."""
+    run = Path(out_dir)
+    state = check_run(run, settings, overwrite, resume, sweep_only)
+    if state == "finished":
+        raise FileExistsError(f"{run} holds a finished run (final.json): nothing to continue")
+    if state == "continue":
+        return run
+    if overwrite and run.exists():
+        for name in ("metrics.jsonl", "final.json", "samples", "checkpoints", "stages", "students"):
+            path = run / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    run.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(
+        run / "config.json", {"settings": dataclasses.asdict(settings), **environment_info()}
+    )
+    return run
+
+
+def read_final(out_dir: str | Path) -> dict:
+    """The final.json of a finished run that --resume reuses (checked by check_run)."""
+    print(f"{out_dir}: finished earlier with the same settings, reused (--resume)", flush=True)
+    return json.loads((Path(out_dir) / "final.json").read_text())
