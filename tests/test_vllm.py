@@ -285,8 +285,16 @@ def test_exp02_math_code_path_with_vllm(tmp_path, answering_model, method):
 
 
 @_tier
-def test_vllm_under_torchrun_on_cpu():
-    pytest.skip("vLLM's external_launcher under torchrun is not run on CPU here: " + TORCHRUN_WHY)
-
-
-TORCHRUN_WHY = "not yet tried"
+def test_exp02_under_torchrun_with_one_vllm_engine_per_rank(tmp_path):
+    """2 CPU processes (gloo), each with its own in-process engine joined to torchrun's process
+    group (distributed_executor_backend="external_launcher"), each rank sampling its share."""
+    out = tmp_path / "tr"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "exp02_onpolicy_grpo_sdpo.py"), "--method", "grpo", "--backend", "vllm", "--steps", "2",
+           "--prompts-per-step", "4", "--rollouts", "4", "--eval-n", "8", "--eval-every", "2", "--threads", "1",
+           "--out-dir", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [json.loads(x) for x in (out / "grpo" / "seed0" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [0, 1, 2]
+    assert all(x["train/rollout_logprob_gap"] < 1e-4 for x in lines[1:])
