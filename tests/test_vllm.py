@@ -104,7 +104,8 @@ def engine(toy):
     os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
     t0 = time.time()
     gen = common.make_generator(None, None, "vllm", model_path=TOY, seed=0, live=True,
-                                kv_cache_memory_bytes=KV)
+                                kv_cache_memory_bytes=KV, block_size=32)  # CPU default 128 > a
+    # toy prompt (~50 tokens), which would leave no full block for the prefix cache to hold
     print(f"\n[vllm] import + engine start on the toy model: {time.time() - t0:.1f} s")
     assert isinstance(gen, common.VLLMGenerator) and gen.weight_dtype == torch.float32
     assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"  # set, not defaulted: in-process
