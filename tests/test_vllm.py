@@ -279,7 +279,7 @@ def test_exp02_math_code_path_with_vllm(tmp_path, answering_model, method):
     out = tmp_path / "out"
     run_exp02(out, "--model", str(answering_model), "--method", method, "--backend", "vllm",
               "--steps", "2", "--prompts-per-step", "2", "--rollouts", "4",
-              "--max-new-tokens", "24", "--eval-k", "2", "--topk", "16",
+              "--max-new-tokens", "64", "--eval-k", "2", "--topk", "16",
               "--train-file", str(tmp_path / "train.parquet"), "--data-dir", str(tmp_path))
     arm = "grpo" if method == "grpo" else "sdpo_s"
     metrics = (out / arm / "seed0" / "metrics.jsonl").read_text()
@@ -287,6 +287,7 @@ def test_exp02_math_code_path_with_vllm(tmp_path, answering_model, method):
     assert [x["step"] for x in lines] == [0, 1, 2]
     assert lines[0]["eval/aime24/avg@2"] > 0  # the answering model's \boxed{2}, by math-verify
     assert all(x["train/rollout_logprob_gap"] < 1e-4 for x in lines[1:])
+    assert lines[1]["train/reward"] > 0  # the ~45-token answer fits in 64 new tokens: graded right
     if method == "sdpo":
         assert lines[1]["train/demo_fraction"] > 0  # teacher prompts built from successful peers
 
