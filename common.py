@@ -252,9 +252,9 @@ def check_vllm(live: bool) -> None:
                          f"(common.push_weights) is written for vllm=={VLLM_VERSION}: {fix}")
     mp_env = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     if (live or not cuda) and mp_env != "0":
-        raise SetupError(f"VLLM_ENABLE_V1_MULTIPROCESSING={mp_env} moves vLLM's engine into another "
-                         "process, where the weight push and the sampling seed cannot reach it: "
-                         "unset it (or set it to 0)")
+        raise SetupError(f"VLLM_ENABLE_V1_MULTIPROCESSING={mp_env} moves vLLM's engine into "
+                         "another process, where the weight push and the sampling seed cannot "
+                         "reach it: unset it (or set it to 0)")
 
 
 def sample_seeds(call_seed: int, n_prompts: int, n: int) -> list[int]:
@@ -333,9 +333,9 @@ class VLLMGenerator:
             # (cached in ~/.cache/vllm), 12x the eager decoding speed on the toy model (README)
             defaults = dict(dtype="float32")
             if "VLLM_CPU_KVCACHE_SPACE" not in os.environ:  # vLLM's own knob (GiB) wins if set
-                defaults["kv_cache_memory_bytes"] = 1 << 30  # else it reserves a share of host memory
+                defaults["kv_cache_memory_bytes"] = 1 << 30  # else: a share of host memory
             engine_kwargs = dict(defaults, **engine_kwargs)
-        self.weight_dtype = getattr(torch, engine_kwargs["dtype"])  # what load_weights should be given
+        self.weight_dtype = getattr(torch, engine_kwargs["dtype"])  # what load_weights takes
         self.llm = LLM(model=model_path, seed=seed + rank(), **engine_kwargs)
         self.asleep = False
 

@@ -371,9 +371,10 @@ def check_backend(s: Settings) -> None:
         raise ValueError(f"--backend {s.backend!r}: use hf or vllm")
     if s.backend == "vllm":
         if s.temperature != 1.0 or s.top_p != 1.0:
-            raise ValueError(f"--backend vllm samples rollouts at temperature 1 and top-p 1 only "
-                             f"(got --temperature {s.temperature} --top-p {s.top_p}): its log-probs "
-                             "are of the raw distribution; use --backend hf for other values")
+            raise ValueError(f"--backend vllm samples rollouts at temperature 1 and top-p 1 "
+                             f"only (got --temperature {s.temperature} --top-p {s.top_p}): its "
+                             "log-probs are of the raw distribution; use --backend hf for other "
+                             "values")
         common.check_vllm(live=True)
 
 
@@ -544,7 +545,7 @@ def train_arm(s: Settings, method: str, context: str, run_dir: str, sample_batch
     epistemic_ids = epistemic_token_ids(tokenizer, head_rows).to(device)  # (V,) V = head rows
     done = load_state(run, student, opt, sched, teacher, teacher_fp32) if s.resume else 0
     if done:
-        generator.load_weights(common.full_weights(student, generator.weight_dtype))  # it started from the base
+        generator.load_weights(common.full_weights(student, generator.weight_dtype))  # was base
     else:
         base, samples = evaluate_world(s, preset, student, tokenizer, common.ShardedGenerator(generator))
         if main:
@@ -557,7 +558,7 @@ def train_arm(s: Settings, method: str, context: str, run_dir: str, sample_batch
                        [batch[i] for i in common.rank_share(len(batch), s.mini_batches)], step)
         generator.sleep()  # vLLM frees its GPU memory for the update
         logs = update(s, method, student, teacher, opt, data, tokenizer.pad_token_id, epistemic_ids, step)
-        generator.load_weights(common.full_weights(student, generator.weight_dtype))  # rollouts: updated policy
+        generator.load_weights(common.full_weights(student, generator.weight_dtype))  # updated
         lr_used = sched.get_last_lr()[0]
         sched.step()
         if teacher is not None:
