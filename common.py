@@ -139,6 +139,14 @@ def count_epistemic(text: str, mode: str = "paper") -> dict[str, int]:
     raise ValueError(f"unknown epistemic count mode {mode!r}; valid modes: {COUNT_MODES}")
 
 
+def epistemic_token_ids(tokenizer, rows: int) -> torch.Tensor:
+    """(rows,) bool: the id's text holds an epistemic word. rows = the output head's size (Qwen3:
+    151,936), which may exceed len(tokenizer) (151,669): ids without a token are not epistemic."""
+    n = min(rows, len(tokenizer))
+    return torch.tensor([any(w in tokenizer.decode([i]).lower() for w in EPISTEMIC_WORDS)
+                         for i in range(n)] + [False] * (rows - n))
+
+
 def epistemic_total(counts: dict[str, int]) -> int:
     """epistemic_count = sum over the 10 words of count_w."""
     return int(sum(counts.values()))

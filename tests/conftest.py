@@ -67,3 +67,14 @@ def answering_model(tmp_path_factory) -> Path:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def pytest_terminal_summary(terminalreporter):
+    """One line for CI: how many tests of the `vllm` tier ran (passed or failed) and skipped."""
+    outcome = {}
+    for kind in ("passed", "failed", "error", "skipped"):
+        for rep in terminalreporter.stats.get(kind, []):
+            if "vllm" in getattr(rep, "keywords", {}) and rep.nodeid not in outcome:
+                outcome[rep.nodeid] = kind
+    ran = sum(k != "skipped" for k in outcome.values())
+    terminalreporter.write_line(f"vllm tier: {ran} ran, {len(outcome) - ran} skipped")
