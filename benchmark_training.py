@@ -30,7 +30,7 @@ import torch
 
 import common
 import exp02_onpolicy_grpo_sdpo as exp02
-from infra import loss_head, rollout, run_dirs
+from infra import loss_head, parallel, rollout, run_dirs
 
 # Architectures of the math presets (their config.json on the hub; random weights are built from these).
 ARCH = {
@@ -262,8 +262,7 @@ def main(argv=None):
     p.add_argument("--hidden", type=int, default=64, help="loss-head: hidden size (small: memory is about N and V)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    torch.set_flush_denormal(True)
+    parallel.cpu_threads(args.threads)
     env = run_dirs.environment_info()
     if args.mode == "loss-head":
         result = {"loss_head": loss_head(args)}

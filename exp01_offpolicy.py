@@ -50,7 +50,7 @@ import numpy as np
 import torch
 
 import common
-from infra import run_dirs, tables
+from infra import parallel, run_dirs, tables
 from infra.loss_head import lm_step
 from infra.rollout import Sample, make_generator
 from infra.settings import Interrupted, arg, cli, parse_settings, progress, world_defaults
@@ -302,8 +302,7 @@ def run_seed(s: Settings) -> dict:
     s, state = plan_seed(s)
     if state == "finished":
         return run_dirs.read_final(Path(s.out_dir) / f"seed{s.seed}")
-    torch.set_num_threads(s.threads)
-    torch.set_flush_denormal(True)  # denormal floats make CPU matmuls ~100x slower
+    parallel.cpu_threads(s.threads)
     common.set_seed(s.seed)
     device = s.device or common.default_device()
     world = pick_world(s.model)  # data before the model: a bad file fails before gigabytes load

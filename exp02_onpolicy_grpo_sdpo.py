@@ -421,8 +421,7 @@ def train_arm(s: Settings, run_dir: str, sample_batch=None) -> dict:
     s, state = plan_arm(s, run_dir)
     if state == "finished":
         return parallel.main_only(run_dirs.read_final, run_dir)
-    torch.set_num_threads(s.threads)
-    torch.set_flush_denormal(True)  # denormal floats make CPU matmuls ~100x slower
+    parallel.cpu_threads(s.threads)
     common.set_seed(s.seed)
     device = parallel.init_distributed(s.device or common.default_device())
     world = pick_world(s.model)

@@ -277,8 +277,7 @@ def main(argv=None) -> dict:
             "gpu_check.py: no CUDA device here; run it on a GPU, or use --tiny --device cpu "
             "for a smoke test of the CPU-capable parts"
         )
-    torch.set_num_threads(args.threads)
-    torch.set_flush_denormal(True)
+    parallel.cpu_threads(args.threads)
     if args.device.startswith("cuda"):
         torch.cuda.set_device(args.device)
     t_start, sizes = time.perf_counter(), TINY if args.tiny else FULL

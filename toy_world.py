@@ -44,7 +44,7 @@ from dataclasses import dataclass
 import torch
 
 import common
-from infra import loss_head, rollout, tables
+from infra import loss_head, parallel, rollout, tables
 from infra.settings import arg, cli, parse_settings
 
 LABELS = [f"n{i}" for i in range(48)]
@@ -293,8 +293,7 @@ def new_model(tokenizer, s: PretrainSettings):
 
 
 def pretrain(s: PretrainSettings) -> None:
-    torch.set_num_threads(s.threads)
-    torch.set_flush_denormal(True)  # denormal floats make CPU matmuls ~100x slower
+    parallel.cpu_threads(s.threads)
     common.set_seed(s.seed)
     rng, tokenizer = random.Random(s.seed), build_tokenizer()
     model = new_model(tokenizer, s) if s.init_from is None else common.load_model(s.init_from, device="cpu")[0].train()
