@@ -69,6 +69,22 @@ def answering_model(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture
+def half_right_grading(monkeypatch) -> None:
+    """The math world's grader, with every other response (0, 2, 4, ...) marked correct: a tiny
+    random model's rollouts then get rewards of both kinds and SDPO demonstrations."""
+    import math_world
+
+    real = math_world.grade
+
+    def half_right(responses, golds, think_in_prompt=False, timeout_s=5.0):
+        report = real(responses, golds, think_in_prompt, timeout_s)
+        report.correct = [i % 2 == 0 for i in range(len(responses))]
+        return report
+
+    monkeypatch.setattr(math_world, "grade", half_right)
+
+
 def pytest_terminal_summary(terminalreporter):
     """One line for CI: how many tests of the `vllm` tier ran (passed or failed) and skipped."""
     outcome = {}

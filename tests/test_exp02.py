@@ -158,19 +158,9 @@ def tiny_data(tmp_path):
     return tmp_path
 
 
-def test_one_sdpo_step_uses_the_teacher(tiny_data, monkeypatch):
+def test_one_sdpo_step_uses_the_teacher(tiny_data, half_right_grading):
     """With half the rollouts graded correct, every sample has a peer demonstration, the SDPO
     loss is positive, the student moves and the frozen teacher does not."""
-    import math_world
-
-    real = math_world.grade
-
-    def half_right(responses, golds, think_in_prompt=False, timeout_s=5.0):
-        report = real(responses, golds, think_in_prompt, timeout_s)
-        report.correct = [i % 2 == 0 for i in range(len(responses))]
-        return report
-
-    monkeypatch.setattr(math_world, "grade", half_right)
     s = e.Settings(model=TINY, steps=1, prompts_per_step=2, rollouts=4, max_new_tokens=8, eval_k=1,
                    train_file=str(tiny_data / "train.parquet"), data_dir=str(tiny_data), topk=20,
                    out_dir=str(tiny_data / "run"), threads=1, micro_batch_size=3)

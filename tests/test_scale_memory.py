@@ -120,7 +120,7 @@ def test_teacher_prompt_cut_keeps_the_first_tokens_and_defaults_by_world():
         e.resolve(replace(math_arm, max_teacher_prompt=-1), math_world)
 
 
-def test_teacher_context_cuts_long_teacher_prompts_and_counts_them(monkeypatch):
+def test_teacher_context_cuts_long_teacher_prompts_and_counts_them(half_right_grading):
     """The math code path: with a cap below the teacher prompt's length every teacher sequence
     keeps the first `cap` prompt tokens (then the response), and the cut share is counted;
     without a cap the prompts are whole."""
@@ -128,14 +128,6 @@ def test_teacher_context_cuts_long_teacher_prompts_and_counts_them(monkeypatch):
 
     model, tok = tiny.tiny_random_model()
     preset = dict(common.resolve_preset(TINY))
-    real = math_world.grade
-
-    def half_right(responses, golds, think_in_prompt=False, timeout_s=5.0):
-        report = real(responses, golds, think_in_prompt, timeout_s)
-        report.correct = [i % 2 == 0 for i in range(len(responses))]
-        return report
-
-    monkeypatch.setattr(math_world, "grade", half_right)
     batch = [{"prompt": "What is 1+1?", "gold": "2"}]
     gen = rollout.make_generator(model, tok, "hf")
 
