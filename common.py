@@ -263,9 +263,10 @@ def response_metrics(texts: list[str], n_tokens: list[int], finish_reasons: list
 
 def evaluate(generator, tokenizer, preset: dict, problems: list[dict], k: int, temperature: float,
              top_p: float, max_tokens: int, seed: int = 0, grade=None,
-             grader_timeout_s: float = 5.0) -> tuple[dict, list[dict]]:
+             grader_timeout_s: float = 5.0, world=None) -> tuple[dict, list[dict]]:
     """avg@k, pass@k, lengths, truncation and epistemic counts on one problem set, graded by the
-    world's `grade` -> (metrics, samples)."""
+    world's `grade` -> (metrics, samples). With a `world`: the share of each of its
+    FAILURE_CLASSES (`failure/<class>`, summing to 1) and the mean count of its WORDS_COUNTED."""
     prompts = [prompt_ids(tokenizer, p["prompt"], preset["thinking"]) for p in problems]
     samples = generator.generate(prompts, n=k, temperature=temperature, top_p=top_p,
                                  max_tokens=max_tokens, seed=seed)
@@ -283,16 +284,55 @@ def evaluate(generator, tokenizer, preset: dict, problems: list[dict], k: int, t
     rows = [{"problem": i // k, "gold": g, "response": s.text, "correct": bool(c),
              "finish_reason": s.finish_reason}
             for i, (s, g, c) in enumerate(zip(flat, golds, report.correct))]
+    if world is not None:
+        for r in rows:
+            r["failure"] = world.failure_class(problems[r["problem"]], r["response"],
+                                               r["finish_reason"], r["correct"])
+        metrics.update(failure_shares([r["failure"] for r in rows], world.FAILURE_CLASSES))
+        metrics.update({f"words/{w}": np.mean([r["response"].split().count(w) for r in rows])
+                        for w in world.WORDS_COUNTED})
     return metrics, rows
 
 
+def failure_shares(classes: list[str], names: tuple[str, ...]) -> dict:
+    """The share of each failure class (every name present, zeros included; they sum to 1)."""
+    unknown = set(classes) - set(names)
+    if unknown:
+        raise ValueError(f"failure classes {sorted(unknown)} are not among {names}")
+    return {f"failure/{c}": classes.count(c) / max(len(classes), 1) for c in names}
+
+
+@torch.no_grad()
+def next_token_prob(model, tokenizer, preset: dict, items: list[tuple[str, str]], word: str,
+                    batch: int = 64) -> float:
+    """Mean over (message, response prefix) of P(word | chat prompt of message + prefix): the
+    probe of one decision (toy: P(`maybe`) at the first choice). Right-padded, read at each
+    row's last real position (causal attention: the padding after it changes nothing)."""
+    target = tokenizer.convert_tokens_to_ids(word)
+    device = next(model.parameters()).device
+    seqs = [prompt_ids(tokenizer, m, preset["thinking"])
+            + tokenizer(p, add_special_tokens=False).input_ids for m, p in items]
+    probs = []
+    for a in range(0, len(seqs), batch):
+        part = seqs[a:a + batch]
+        ids = torch.full((len(part), max(map(len, part))), tokenizer.pad_token_id)  # (b, T)
+        for i, x in enumerate(part):
+            ids[i, :len(x)] = torch.tensor(x)
+        mask = (torch.arange(ids.shape[1]) < torch.tensor([len(x) for x in part])[:, None]).long()
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits  # (b,T,V)
+        last = logits[torch.arange(len(part)), mask.sum(1).to(device) - 1].float()  # (b, V)
+        probs.append(last.softmax(-1)[:, target])
+    return torch.cat(probs).mean().item() if probs else float("nan")
+
+
 def evaluate_sets(generator, tokenizer, preset: dict, sets: dict, sampling: tuple, seed: int, grade,
-                  prefix: str = "eval") -> tuple[dict, dict]:
+                  prefix: str = "eval", world=None) -> tuple[dict, dict]:
     """common.evaluate on every set -> (flat metrics `<prefix>/<set>/<metric>`, the first 50
     samples of each set); `sampling` = the world's (k, temperature, top_p, max_tokens)."""
     metrics, samples = {}, {}
     for name, problems in sets.items():
-        m, rows = evaluate(generator, tokenizer, preset, problems, *sampling, seed, grade=grade)
+        m, rows = evaluate(generator, tokenizer, preset, problems, *sampling, seed, grade=grade,
+                           world=world)
         metrics.update({f"{prefix}/{name}/{key}": v for key, v in m.items()})
         samples[name] = rows[:50]
     return metrics, samples

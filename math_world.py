@@ -65,6 +65,39 @@ def eval_sampling(preset: dict, k: int, max_new_tokens: int) -> tuple[int, float
     return k, preset["temperature"], preset["top_p"], preset["max_new_tokens"]
 
 
+FAILURE_CLASSES = ("correct", "wrong_answer", "cut_at_limit", "no_answer")
+TOKEN_TYPES = ("epistemic", "answer", "other")
+WORDS_COUNTED = ()  # the toy world counts its filler control's word
+PROBE_WORD = None  # no single decision to probe in free-form math (the toy world's `maybe`)
+
+
+def failure_class(problem: dict, response: str, finish_reason: str, correct: bool) -> str:
+    """correct; cut_at_limit (the token budget ended it); no_answer (nothing after the
+    thinking); wrong_answer (an answer math-verify does not equal to the gold)."""
+    if correct:
+        return "correct"
+    if finish_reason == "length":
+        return "cut_at_limit"
+    return "wrong_answer" if common.split_thinking(response)[1] else "no_answer"
+
+
+def token_types(tokens: list[str]) -> list[str]:
+    """Per response token (the tokenizer's strings): epistemic (the piece is one of the paper's
+    words), answer (from `</think>` on), other."""
+    out = []
+    for w in tokens:
+        answer = bool(out) and out[-1] == "answer" or w == "</think>"
+        word = w.lstrip("Ġ▁ ").strip().lower()
+        out.append("answer" if answer else "epistemic" if word in common.EPISTEMIC_WORDS
+                   else "other")
+    return out
+
+
+def probe_set(n: int) -> list[tuple[str, str, str]]:
+    """No probe in the math world (see PROBE_WORD)."""
+    return []
+
+
 # ---------------------------------------------------------------------------------------------
 # Data
 # ---------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ Commands
   python toy_world.py evaluate                 # the shipped model's accuracy table (the main job for now)
   python toy_world.py build                    # regenerates the shipped model: the 3-stage RECIPE (~1 h 50 min, 2 cores)
   python toy_world.py pretrain --help          # one pretraining stage (controls continue from toy_model)
+  python toy_world.py control wrong_revised    # a control's base (CONTROLS), into results/controls/
 
 Design choices (listed in the README too):
  1. With probability `p_confident` the unguided writer drops `maybe` before the goal arm (it
@@ -109,41 +110,63 @@ def graph_prompt(g: Graph) -> str:
     return "edges " + " , ".join(f"{u} {v}" for u, v in g.edges) + f" start {g.start} target {g.target}"
 
 
-def unguided_trace(g: Graph, rng: random.Random, p_confident: float, p_drop_hedge: float = 0.0) -> str:
+def unguided_trace(g: Graph, rng: random.Random, p_confident: float, p_drop_hedge: float = 0.0,
+                   p_confident_wrong: float = 0.0, filler: str = "") -> str:
     """Depth-first search in random arm order with verbalized doubt (design choice 1).
-    `p_drop_hedge` (a control, off in the shipped corpus): omit the word `maybe` at random while
-    still backtracking, so the token and the behaviour come apart."""
+    Controls (all off in the shipped corpus): `p_drop_hedge` omits `maybe` at any choice while
+    still backtracking (token and behaviour come apart); `p_confident_wrong` drops `maybe` before
+    a wrong arm, which is then walked and revised with `wait` (a confident choice is no longer
+    always right); `filler` adds a content-free word as often as the trace's doubt words."""
     words = ["<think>"]
     order = rng.sample(range(len(g.arms)), len(g.arms))
     for j, arm in enumerate(order):
         last = j == len(order) - 1  # certain by elimination: no hedge needed
-        confident = arm == g.goal and rng.random() < p_confident
+        confident = (arm == g.goal and rng.random() < p_confident) or (
+            arm != g.goal and p_confident_wrong > 0 and rng.random() < p_confident_wrong)
         dropped = p_drop_hedge > 0 and rng.random() < p_drop_hedge
         words += [g.start] + ([] if last or confident or dropped else ["maybe"]) + list(g.arms[arm])
         if arm == g.goal:
             break
         words.append("wait")
+    return " ".join(with_filler(words, filler, rng) + ["</think>", "answer", g.answer])
+
+
+def guided_trace(g: Graph, hint: str, filler: str = "", rng: random.Random | None = None) -> str:
+    """The writer that was told the solution: the more it is told, the less it hedges."""
+    hedge = ["maybe"] if hint == "answer" else []
+    words = with_filler(["<think>", g.start] + hedge + list(g.arms[g.goal]), filler,
+                        rng or random.Random(0))
     return " ".join(words + ["</think>", "answer", g.answer])
 
 
-def guided_trace(g: Graph, hint: str) -> str:
-    """The writer that was told the solution: the more it is told, the less it hedges."""
-    hedge = ["maybe"] if hint == "answer" else []
-    return " ".join(["<think>", g.start] + hedge + list(g.arms[g.goal]) + ["</think>", "answer", g.answer])
+def with_filler(words: list[str], filler: str, rng: random.Random) -> list[str]:
+    """The filler control: one `filler` per doubt word, each at a uniformly random place after
+    `<think>` (content-free: it marks nothing about the search). No filler: `words` unchanged."""
+    if not filler:
+        return words
+    out = list(words)
+    for _ in range(sum(w in ("maybe", "wait") for w in words)):
+        out.insert(rng.randint(1, len(out)), filler)
+    return out
 
 
-def hint_text(g: Graph, hint: str, rng: random.Random, p_confident: float) -> str:
+def hint_text(g: Graph, hint: str, rng: random.Random, p_confident: float, **style) -> str:
     """The solution shown to the teacher: a full trace (unguided 2/3, guided 1/3: the
-    'regenerated' genre) for c = s, or only the final answer line for c = s\\think."""
+    'regenerated' genre) for c = s, or only the final answer line for c = s\\think. `style`:
+    the control options of `unguided_trace` (the corpus' demonstrations use its writer)."""
     if hint == "answer":
         return f"answer {g.answer}"
-    return unguided_trace(g, rng, p_confident) if rng.random() < 2 / 3 else guided_trace(g, "full")
+    if rng.random() < 2 / 3:
+        return unguided_trace(g, rng, p_confident, **style)
+    return guided_trace(g, "full", style.get("filler", ""), rng)
 
 
-def user_message(g: Graph, hint: str = "none", rng: random.Random | None = None, p_confident: float = 0.0) -> str:
+def user_message(g: Graph, hint: str = "none", rng: random.Random | None = None,
+                 p_confident: float = 0.0, **style) -> str:
     if hint == "none":
         return graph_prompt(g)
-    return common.teacher_message(graph_prompt(g), hint_text(g, hint, rng or random.Random(0), p_confident))
+    text = hint_text(g, hint, rng or random.Random(0), p_confident, **style)
+    return common.teacher_message(graph_prompt(g), text)
 
 
 def answer_of(response: str) -> str | None:
@@ -158,22 +181,87 @@ def verify(response: str, gold: str) -> bool:
     return answer_of(response) == gold
 
 
-def classify(g: Graph, response: str) -> str:
-    """Which mechanism failed: correct / no_answer / invalid_edge / repeated_arm / wrong_commit."""
-    if answer_of(response) is None:
-        return "no_answer"
-    if answer_of(response) == g.answer:
+FAILURE_CLASSES = ("correct", "invalid_edge", "repeated_arm", "misread", "wrong_commit",
+                   "cut_at_limit", "no_answer")
+
+
+def parse_prompt(prompt: str) -> tuple[dict[str, list[str]], str, str]:
+    """`edges u v , ... start s target t` -> (successors of each node, start, target)."""
+    head, _, tail = prompt.partition(" start ")
+    succ: dict[str, list[str]] = {}
+    for pair in head.removeprefix("edges ").split(" , "):
+        u, v = pair.split()
+        succ.setdefault(u, []).append(v)
+    start, _, target = tail.partition(" target ")
+    return succ, start.strip(), target.strip()
+
+
+def walks(thinking: str, start: str) -> list[list[str]]:
+    """The thinking's walks: the node labels of each `start ... wait` segment (the start, `maybe`
+    and any other word dropped), e.g. `s maybe a1 a2 wait s b1` -> [[a1, a2], [b1]]. A segment
+    that does not open at the start node keeps a leading None (it walks from nowhere)."""
+    out = []
+    for segment in thinking.replace("<think>", " ").split("wait"):
+        words = [w for w in segment.split() if w in LABELS]
+        if words:
+            out.append(words[1:] if words[0] == start else [None] + words)
+    return out
+
+
+def failure_class(problem: dict, response: str, finish_reason: str, correct: bool) -> str:
+    """Which part of the search failed (FAILURE_CLASSES), checked in this order:
+    correct; no answer: cut_at_limit (cut at the token budget: looping over arms) or no_answer
+    (stopped without one); invalid_edge (a step not in the graph); repeated_arm (an arm walked twice: the search
+    lost track of what it tried); misread (the goal arm was walked to the target, yet another
+    node answered); wrong_commit (answered without ever reaching the target)."""
+    if correct:
         return "correct"
-    succ = dict(g.edges)
-    words, seen = common.split_thinking(response)[0].split(), []
-    for prev, w in zip(words, words[1:]):
-        if prev in succ and w in LABELS and succ.get(prev) != w and not (prev == g.start and w in [a[0] for a in g.arms]):
-            return "invalid_edge"
-        if prev in (g.start, "maybe") and w in [a[0] for a in g.arms]:
-            if w in seen:
-                return "repeated_arm"
-            seen.append(w)
-    return "wrong_commit"
+    if answer_of(response) is None:
+        return "cut_at_limit" if finish_reason == "length" else "no_answer"
+    succ, start, target = parse_prompt(problem["prompt"])
+    paths = walks(common.split_thinking(response)[0], start)
+    steps = [(u, v) for p in paths for u, v in zip([start] + p, p)]
+    if any(v not in succ.get(u, []) for u, v in steps):
+        return "invalid_edge"
+    firsts = [p[0] for p in paths]
+    if len(set(firsts)) < len(firsts):
+        return "repeated_arm"
+    return "misread" if any(p[-1] == target for p in paths) else "wrong_commit"
+
+
+def token_types(tokens: list[str]) -> list[str]:
+    """The type of each response token (TOKEN_TYPES), from the token strings (one word each):
+    the hedge `maybe`, `wait`, the branch choice (the node right after the start node or after
+    `maybe`), arm-following nodes, the answer (from `</think>` on) and other (`<think>`, the start
+    node, fillers, anything else)."""
+    out, state = [], "start"  # the role the next node label plays: start | choice | node
+    for w in tokens:
+        if out and out[-1] == "answer" or w == "</think>":
+            out.append("answer")
+        elif w in ("maybe", "wait", "<think>"):
+            out.append("other" if w == "<think>" else w)
+            state = "choice" if w == "maybe" else "start"
+        elif w in LABELS:
+            out.append({"start": "other", "choice": "branch", "node": "arm"}[state])
+            state = "choice" if state == "start" else "node"
+        else:
+            out.append("other")  # a filler or a stray word: the walk's state is unchanged
+    return out
+
+
+TOKEN_TYPES = ("maybe", "wait", "branch", "arm", "answer", "other")
+FILLER = "the"  # the filler control's content-free word (a hint word; never in a shipped trace)
+WORDS_COUNTED = (FILLER,)
+PROBE_WORD = "maybe"
+
+
+def probe_set(n: int) -> list[tuple[str, str, str]]:
+    """The P(`maybe`) probe: n held-out in-domain graphs as (student message, teacher message,
+    response prefix up to the first choice). The teacher's message holds a successful peer as in
+    training: a trace of the corpus' unguided writer (p_confident 0.2)."""
+    rng = random.Random("probe")
+    return [(graph_prompt(g), common.teacher_message(graph_prompt(g), unguided_trace(g, rng, 0.2)),
+             f"<think> {g.start}") for g in eval_graphs(EVAL_CELLS["in_domain"], n)]
 
 
 def eval_graphs(cell: tuple[int, int], n: int, split: str = "heldout") -> list[Graph]:
@@ -251,6 +339,10 @@ class PretrainSettings:
                              "(design choice 1)")
     p_drop_hedge: float = arg(0.0, "control corpus: probability of omitting `maybe` at any choice "
                               "while still backtracking")
+    p_confident_wrong: float = arg(0.0, "control corpus (wrong and revised): probability of "
+                                   "dropping `maybe` before a wrong arm, walked, then revised")
+    filler: str = arg("", f"control corpus: a content-free word added as often as the doubt "
+                      f"words (the filler control uses `{FILLER}`); empty = none")
     init_from: str | None = arg(None, "continue pretraining from this model directory (controls) "
                                 "instead of a fresh model")
     hidden: int = arg(128, "hidden size")
@@ -268,14 +360,23 @@ def corpus_cells(s: PretrainSettings) -> list[tuple[int, int]]:
     return PRETRAIN_CELLS + extra
 
 
+def corpus_style(s: PretrainSettings) -> dict:
+    """The writer's control options (all off in the shipped corpus)."""
+    return dict(p_drop_hedge=s.p_drop_hedge, p_confident_wrong=s.p_confident_wrong,
+                filler=s.filler)
+
+
 def corpus_batch(rng: random.Random, tokenizer, s: PretrainSettings, n: int):
     """n fresh (prompt ids, response ids) examples from the writer."""
     seqs, cell = [], rng.choice(corpus_cells(s))  # one cell per batch: little padding
     for _ in range(n):
         g = make_graph(rng, *cell)
         hint = rng.choice(["full", "full", "answer"]) if rng.random() < s.p_guided else "none"
-        response = unguided_trace(g, rng, s.p_confident, s.p_drop_hedge) if hint == "none" else guided_trace(g, hint)
-        prompt_ids = common.prompt_ids(tokenizer, user_message(g, hint, rng, s.p_confident), thinking=True)
+        style = corpus_style(s)
+        response = (unguided_trace(g, rng, s.p_confident, **style) if hint == "none"
+                    else guided_trace(g, hint, s.filler, rng))
+        message = user_message(g, hint, rng, s.p_confident, **style)
+        prompt_ids = common.prompt_ids(tokenizer, message, thinking=True)
         response_ids = tokenizer(response).input_ids + [tokenizer.eos_token_id]
         seqs.append((prompt_ids, response_ids))
     return seqs
@@ -326,6 +427,22 @@ RECIPE = [
 ]
 
 
+# The controls' corpora (docs/TOY_WORLD.md "Controls"): each continues pretraining the shipped
+# model on a corpus whose writer has one option on, with the same seed, steps and lr; the bases
+# ship in results/controls/<name>/model (regenerate: python toy_world.py control NAME).
+CONTROLS = {"drop_hedge": dict(p_drop_hedge=0.5), "wrong_revised": dict(p_confident_wrong=0.2),
+            "filler": dict(filler=FILLER)}
+CONTROL_PRETRAIN = dict(init_from="toy_model", seed=3, steps=2000, lr=5e-4, threads=1)
+
+
+def control_base(name: str, out_dir: str | None = None) -> None:
+    """Continue-pretrain the shipped model on control `name`'s corpus (CONTROLS)."""
+    if name not in CONTROLS:
+        raise ValueError(f"unknown control {name!r}: use one of {', '.join(CONTROLS)}")
+    out_dir = out_dir or f"results/controls/{name}/model"
+    pretrain(PretrainSettings(out_dir=out_dir, **CONTROL_PRETRAIN, **CONTROLS[name]))
+
+
 def build(out_dir: str = "toy_model") -> None:
     """Run RECIPE stage by stage, each continuing from the last (stage k is kept in `out_dir.stage<k>`)."""
     init = None
@@ -361,8 +478,12 @@ def main(argv: list[str] | None = None) -> None:
     if argv[:1] == ["build"]:
         build(*argv[1:2])
         return
+    if argv[:1] == ["control"] and len(argv) in (2, 3):
+        control_base(*argv[1:3])
+        return
     if argv[:1] not in (["evaluate"], []):
-        raise ValueError(f"unknown command {argv[0]!r}: usage: python toy_world.py [evaluate | build [OUT_DIR] | pretrain [--help]]")
+        raise ValueError(f"unknown command {argv[0]!r}: usage: python toy_world.py [evaluate | "
+                         "build [OUT_DIR] | pretrain [--help] | control NAME [OUT_DIR]]")
     torch.set_num_threads(2)
     model, tokenizer, _ = common.load_model("toy")
     rows = []

@@ -81,17 +81,79 @@ def test_tokenizer_round_trip_and_teacher_prompt_genre():
     assert tok.decode(tok(text).input_ids) == text
 
 
-def test_verifier_and_failure_classes():
-    g = graphs(1)[0]
-    wrong = [a for a in g.arms if a[0] != g.answer][0]
+def failure(g, response, finish="stop"):
+    problem = {"prompt": tw.graph_prompt(g), "gold": g.answer}
+    return tw.failure_class(problem, response, finish, tw.verify(response, g.answer))
+
+
+def test_verifier_and_failure_classes_on_hand_written_responses():
+    g = tw.make_graph(random.Random(0), 3, 4)
+    wrong = [a for a in g.arms if a[0] != g.answer]
+    walk = lambda arm, hedge="maybe ": f"{g.start} {hedge}{' '.join(arm)}"  # noqa: E731
+    goal = g.arms[g.goal]
     assert tw.verify(tw.guided_trace(g, "full"), g.answer)
     assert not tw.verify("<think> x", g.answer)  # unfinished thinking: no answer
-    assert tw.classify(g, "<think> x") == "no_answer"
-    assert tw.classify(g, tw.guided_trace(g, "full")) == "correct"
-    commit = f"<think> {g.start} {' '.join(wrong)} </think> answer {wrong[0]}"
-    assert tw.classify(g, commit) == "wrong_commit"
-    repeat = f"<think> {g.start} maybe {' '.join(wrong)} wait {g.start} maybe {' '.join(wrong)} </think> answer {wrong[0]}"
-    assert tw.classify(g, repeat) == "repeated_arm"
+    assert failure(g, tw.guided_trace(g, "full")) == "correct"
+    assert failure(g, "<think> x </think> done") == "no_answer"
+    loop = "<think> " + " wait ".join([walk(wrong[0])] * 9)
+    assert failure(g, loop, "length") == "cut_at_limit"
+    commit = f"<think> {walk(wrong[0], '')} </think> answer {wrong[0][0]}"
+    assert failure(g, commit) == "wrong_commit"
+    repeat = f"<think> {walk(wrong[0])} wait {walk(wrong[1])} wait {walk(wrong[0])} </think> "
+    assert failure(g, repeat + f"answer {wrong[1][0]}") == "repeated_arm"
+    misread = f"<think> {walk(wrong[0])} wait {walk(goal, '')} </think> answer {wrong[0][0]}"
+    assert failure(g, misread) == "misread"
+    skip = f"<think> {g.start} maybe {wrong[0][0]} {wrong[0][2]} </think> answer {wrong[0][0]}"
+    assert failure(g, skip) == "invalid_edge"  # a skipped node is a step not in the graph
+    jump = f"<think> {wrong[0][1]} {wrong[0][2]} </think> answer {wrong[0][0]}"
+    assert failure(g, jump) == "invalid_edge"  # a walk that does not open at the start node
+    filler = f"<think> the {walk(wrong[0])} the wait the {walk(goal)} </think> answer {g.answer}"
+    assert failure(g, filler) == "correct"
+    with_filler = f"<think> {g.start} the maybe {wrong[0][0]} the {' '.join(wrong[0][1:])} wait "
+    assert failure(g, with_filler + f"{walk(goal)} </think> answer {wrong[1][0]}") == "misread"
+
+
+def test_failure_shares_sum_to_one_and_refuse_unknown_classes():
+    shares = common.failure_shares(["correct", "misread", "correct"], tw.FAILURE_CLASSES)
+    assert set(shares) == {f"failure/{c}" for c in tw.FAILURE_CLASSES}
+    assert sum(shares.values()) == pytest.approx(1.0) and shares["failure/correct"] == 2 / 3
+    with pytest.raises(ValueError, match="not among"):
+        common.failure_shares(["lost"], tw.FAILURE_CLASSES)
+
+
+def test_token_types_of_a_search_trace():
+    words = "<think> s maybe a1 a2 wait s the b1 b2 </think> answer b1 <|endoftext|>".split()
+    words = [w.replace("s", "n0").replace("a", "n1").replace("b", "n2") if w[0] in "sab" else w
+             for w in words]
+    assert tw.token_types(words) == ["other", "other", "maybe", "branch", "arm", "wait", "other",
+                                     "other", "branch", "arm", "answer", "answer", "answer",
+                                     "answer"]
+
+
+def test_control_writers_keep_the_shipped_corpus_and_change_only_their_property():
+    rng_a, rng_b, g = random.Random(5), random.Random(5), graphs(1)[0]
+    for _ in range(50):  # options off: the shipped writer's random stream is untouched
+        assert tw.unguided_trace(g, rng_a, 0.2) == tw.unguided_trace(g, rng_b, 0.2,
+                                                                     p_confident_wrong=0.0)
+    rng, revised, fillers = random.Random(0), 0, []
+    for g in graphs(300):
+        words = tw.unguided_trace(g, rng, 0.2, p_confident_wrong=1.0).split()
+        heads = [w for p, w in zip(words, words[1:]) if p == g.start]
+        revised += any(h != g.answer and h in tw.LABELS for h in heads)  # a wrong arm, no `maybe`
+        text = tw.unguided_trace(g, rng, 0.2, filler=tw.FILLER)
+        doubt = common.epistemic_total(common.count_epistemic(text))
+        fillers.append(text.split().count(tw.FILLER) == doubt)
+        assert tw.verify(text, g.answer)
+    assert revised > 100 and all(fillers)
+    assert tw.guided_trace(g, "full", tw.FILLER) == tw.guided_trace(g, "full")  # no doubt: none
+
+
+def test_probe_set_stops_at_the_first_choice():
+    items = tw.probe_set(4)
+    assert len(items) == 4 and len({m for m, _, _ in items}) == 4
+    for student, teacher, prefix in items:
+        assert teacher.startswith(student) and "Correct solution" in teacher
+        assert prefix.split()[0] == "<think>" and prefix.split()[1] in tw.LABELS
 
 
 @pytest.fixture(scope="module")
