@@ -86,7 +86,11 @@ class Settings:
                                          toy=0, math=22528)
     ema_rate: float = arg(0.0, "teacher EMA rate tau (0 = the frozen initial teacher)")
     logit_chunk: int = arg(2048, "response positions per chunk of the loss head (memory bound)")
-    eval_every: int | None = arg(None, "steps between evaluations", toy=20, math=10)
+    eval_every: int | None = arg(None, "steps between evaluations", toy=5, math=10)
+    eval_subset: int | None = arg(None, "problems per set in the evaluations between the first "
+                                  "and the last (those use every problem); 0 = all", toy=50, math=0)
+    probe_n: int = arg(64, "held-out prompts of the world's probe (toy: P(maybe) at the first "
+                       "choice), at every evaluation; 0 = none")
     eval_k: int | None = arg(None, "samples per problem in evaluation, avg@k", toy=1, math=16)
     eval_n: int = arg(200, "toy world: graphs per evaluation cell")
     train_file: str | None = arg(None, "math: training parquet (default: DAPO-Math-17k, the hub)")
@@ -222,6 +226,7 @@ class Rollouts:
     teacher_seqs: list[tuple[list[int], list[int]]] | None = None  # SDPO: (teacher prompt, resp.)
     has_demo: torch.Tensor | None = None  # (B'*n,) SDPO: 1.0 = a peer demonstration exists
     teacher_cut: int = 0  # SDPO: teacher prompts cut at --max-teacher-prompt
+    token_types: list[list[int]] | None = None  # per response token: index in world.TOKEN_TYPES
 
 
 def rollout(s: Settings, world, preset: dict, tokenizer, generator, batch: list[dict],
@@ -234,8 +239,11 @@ def rollout(s: Settings, world, preset: dict, tokenizer, generator, batch: list[
     samples = [x for g in groups for x in g]
     golds = [p["gold"] for p in batch for _ in range(s.rollouts)]
     report = world.grade([x.text for x in samples], golds, preset["think_in_prompt"])
+    types = [[world.TOKEN_TYPES.index(t) for t in
+              world.token_types(tokenizer.convert_ids_to_tokens(x.token_ids))] for x in samples]
     return Rollouts(samples, torch.tensor(report.correct, dtype=torch.float32), report,
-                    [(prompts[i // s.rollouts], x.token_ids) for i, x in enumerate(samples)])
+                    [(prompts[i // s.rollouts], x.token_ids) for i, x in enumerate(samples)],
+                    token_types=types)
 
 
 def add_teacher_context(s: Settings, r: Rollouts, preset: dict, tokenizer, batch: list[dict]):
@@ -266,7 +274,7 @@ def load_teacher(model: str, device: str, cuda: bool):
 
 
 def update(s: Settings, *, student, teacher, opt, rollouts: Rollouts, pad_id: int, epistemic_ids,
-           step: int) -> dict:
+           step: int, type_names: tuple[str, ...] = ("all",)) -> dict:
     """pi_old, then `mini_batches` optimizer steps on grpo_loss or sdpo_loss -> step logs. Each
     micro-batch's loss (a mean over its sequences) is weighted by its share of the mini-batch, so
     the gradient is the per-sequence mean over the whole mini-batch whatever the micro-batching.
@@ -292,6 +300,7 @@ def update(s: Settings, *, student, teacher, opt, rollouts: Rollouts, pad_id: in
             sl = slice(a, min(a + s.micro_batch_size, start + mb))
             ids, att, lab = (t.to(device) for t in pack_sequences(seqs[sl], pad_id))
             tok, dist, ent, top_ids, mask = token_stats(student, ids, att, lab, k, s.logit_chunk)
+            grad_norms = watch_grad_norm(dist if sdpo else tok)  # filled by backward()
             logp, old = to_padded(tok, mask), pad_rows(old_rows[sl], mask)  # (b, T)
             maskf = mask.float()  # (b, T)
             weight = None if correction[a] is None else pad_rows(correction[sl], mask)  # (b, T)
@@ -312,8 +321,12 @@ def update(s: Settings, *, student, teacher, opt, rollouts: Rollouts, pad_id: in
                 raise FloatingPointError(f"non-finite loss at step {step}: stopping; the run "
                                          "directory keeps the metrics and the last good checkpoint")
             (loss * (sl.stop - sl.start) / mb).backward()  # weight = the micro-batch's share
-            logs.append(token_logs(loss, ent, mask, div, ids, epistemic_ids,
-                                   rollouts.has_demo[sl] if sdpo else None))
+            types = (torch.tensor([t for row in rollouts.token_types[sl] for t in row])
+                     if rollouts.token_types else torch.zeros(len(tok), dtype=torch.long))  # (N,)
+            logs.append(dict(token_logs(loss, ent, mask, div, ids, epistemic_ids,
+                                        rollouts.has_demo[sl] if sdpo else None),
+                             **token_type_logs(types, mask, div, grad_norms[0], type_names,
+                                               rollouts.has_demo[sl] if sdpo else None)))
         norm = torch.nn.utils.clip_grad_norm_(student.parameters(), s.grad_clip)
         norms.append(parallel.full_tensor(norm))
         if not torch.isfinite(norms[-1]):
@@ -356,8 +369,41 @@ def token_logs(loss, entropy, mask, div, ids, epistemic_ids, has_demo) -> dict:
         tokens = ids[:, 1:]  # (B, T-1) the response token at each scored position
         live = mask & (has_demo[:, None].to(mask.device) > 0)  # (B, T-1)
         epi = epistemic_ids[tokens] & live
-        out["divergence_epistemic"] = (div[epi].sum().item(), epi.sum().item())
-        out["divergence_other"] = (div[live & ~epi].sum().item(), (live & ~epi).sum().item())
+        out["sdpo/divergence_epistemic"] = (div[epi].sum().item(), epi.sum().item())
+        out["sdpo/divergence_other"] = (div[live & ~epi].sum().item(), (live & ~epi).sum().item())
+    return out
+
+
+def watch_grad_norm(x: torch.Tensor) -> list:
+    """A list that backward() fills with ||dL/dx_t|| per row t of x (N, ...) -> (N,): the
+    gradient reaching each position's log-probs (SDPO: the distribution, GRPO: the token's)."""
+    box = [None]
+    if x.requires_grad:
+        x.register_hook(lambda g: box.__setitem__(0, g.flatten(1).norm(dim=1) if g.ndim > 1
+                                                  else g.abs()))
+    return box
+
+
+def token_type_logs(types, mask, div, grad_norm, names, has_demo) -> dict:
+    """Where the update acts, per token type (the world's TOKEN_TYPES; types (N,) indexes them
+    for the N response tokens): the share of tokens, the share of the gradient norm
+    sum_t ||dL/d log pi_t|| and (SDPO, samples with a demonstration) the teacher–student
+    divergence, its mean per token and its share of the total: sum over types = the total.
+    (sum, count) pairs, merged over micro-batches and ranks by parallel.merge_logs."""
+    out, n = {}, len(types)
+    flat_div = None if div is None else div[mask].cpu()  # (N,) in the order of `types`
+    live = None if has_demo is None else has_demo.repeat_interleave(mask.sum(1).cpu()) > 0
+    grad = None if grad_norm is None else grad_norm.detach().cpu()  # (N,)
+    for i, name in enumerate(names):
+        of = types == i  # (N,)
+        out[f"tokens/{name}/share"] = (of.sum().item(), n)
+        if grad is not None:
+            out[f"tokens/{name}/grad_share"] = (grad[of].sum().item(), grad.sum().item())
+        if flat_div is not None:
+            d = flat_div[of & live]
+            out[f"sdpo/tokens/{name}/divergence"] = (d.sum().item(), len(d))
+            out[f"sdpo/tokens/{name}/divergence_share"] = (d.sum().item(),
+                                                           flat_div[live].sum().item())
     return out
 
 
@@ -475,7 +521,7 @@ def train(s: Settings, world, run, preset, student, tokenizer, sample_batch, set
         if main:
             print(f"[{arm_name(s)} seed {s.seed}] resumed from step {done} ({run})", flush=True)
     else:
-        base = evaluate(s, world, preset, student, tokenizer, evaluator, sets, run)
+        base = evaluate(s, world, preset, student, tokenizer, evaluator, sets, run, teacher)
         if main:
             common.log_metrics(run, 0, base)
     t0 = time.time()
@@ -487,7 +533,8 @@ def train(s: Settings, world, run, preset, student, tokenizer, sample_batch, set
             add_teacher_context(s, rollouts, preset, tokenizer, batch)
         generator.sleep()  # vLLM frees its GPU memory for the update
         logs = update(s, student=student, teacher=teacher, opt=opt, rollouts=rollouts,
-                      pad_id=tokenizer.pad_token_id, epistemic_ids=epistemic_ids, step=step)
+                      pad_id=tokenizer.pad_token_id, epistemic_ids=epistemic_ids, step=step,
+                      type_names=world.TOKEN_TYPES)
         generator.load_weights(parallel.full_weights(student, generator.weight_dtype))  # new policy
         lr_used = sched.get_last_lr()[0]
         sched.step()
@@ -495,7 +542,8 @@ def train(s: Settings, world, run, preset, student, tokenizer, sample_batch, set
             ema_update(teacher_fp32, teacher, student, s.ema_rate)
         row = step_metrics(rollouts, logs, lr_used)
         if step % s.eval_every == 0 or step == s.steps:
-            row.update(evaluate(s, world, preset, student, tokenizer, evaluator, sets, run))
+            row.update(evaluate(s, world, preset, student, tokenizer, evaluator, sets, run,
+                                teacher, full=step == s.steps))
         if main:
             common.log_metrics(run, step, dict(row, **{"time/step_s": time.time() - t0}))
         t0 = time.time()
@@ -509,12 +557,23 @@ def train(s: Settings, world, run, preset, student, tokenizer, sample_batch, set
     return parallel.main_only(finish, run, s)
 
 
-def evaluate(s: Settings, world, preset: dict, model, tokenizer, generator, sets, run=None) -> dict:
-    """The world's evaluation sampling on every set -> flat metrics; rank 0 writes the samples."""
+def evaluate(s: Settings, world, preset: dict, model, tokenizer, generator, sets, run=None,
+             teacher=None, full: bool = True) -> dict:
+    """The world's evaluation sampling on every set (the first --eval-subset problems of each
+    unless `full`) -> flat metrics with the failure classes; the world's probe (toy: P(`maybe`)
+    at the first choice) for the student and the teacher; rank 0 writes the samples."""
     model.eval()
+    sets = {k: v[:s.eval_subset] if s.eval_subset and not full else v for k, v in sets.items()}
     sampling = world.eval_sampling(preset, s.eval_k, s.max_new_tokens)
     metrics, samples = common.evaluate_sets(generator, tokenizer, preset, sets, sampling, s.seed,
-                                            world.grade)
+                                            world.grade, world=world)
+    metrics["eval/problems_per_set"] = max(len(v) for v in sets.values())
+    probe = world.probe_set(s.probe_n) if s.probe_n else []
+    for who, m, pick in (("student", model, 0), ("teacher", teacher, 1)):
+        if probe and m is not None:
+            items = [(x[pick], x[2]) for x in probe]
+            metrics[f"probe/{world.PROBE_WORD}/{who}"] = common.next_token_prob(
+                m, tokenizer, preset, items, world.PROBE_WORD)
     for name, rows in samples.items() if parallel.is_main() else ():
         common.write_samples(run, f"eval_{name}", rows)
     return metrics

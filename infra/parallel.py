@@ -267,14 +267,14 @@ class ShardedGenerator:
 
 def merge_logs(logs: list[dict]) -> dict:
     """Every rank's per-micro-batch logs merged: plain values averaged; (sum, count) pairs summed
-    over all micro-batches of all ranks -> sum / count under `sdpo/<key>` (None: no such token)."""
+    over all micro-batches of all ranks -> sum / count (None: no such token)."""
     logs = [x for part in gather_objects(logs) for x in part]
     merged = {}
     for key in logs[0]:
         vals = [entry[key] for entry in logs]
         if isinstance(vals[0], tuple):
             total, count = map(sum, zip(*vals))
-            merged[f"sdpo/{key}"] = total / count if count else None
+            merged[key] = total / count if count else None
         else:
             merged[key] = float(np.mean(vals))
     return merged

@@ -1,12 +1,14 @@
 """Model presets, prompts, generation, run directories and settings parsing; and the
 tiny-random integration test prompt -> generate -> grade -> metrics."""
 import json
+import math
 import os
 import pathlib
 import sys
 from dataclasses import dataclass
 
 import pytest
+import torch
 
 import common
 from infra import run_dirs
@@ -160,3 +162,29 @@ def test_every_module_imports_without_vllm():
     for path in sorted(root.glob("*.py")) + sorted(root.glob("infra/*.py")):
         importlib.import_module(".".join(path.relative_to(root).with_suffix("").parts))
     assert "vllm" not in sys.modules  # imported lazily, only by the vLLM backend
+
+
+def test_next_token_prob_reads_the_last_real_position_of_each_row():
+    """A hand-built model state: logits that depend only on the input token, so P(word) after a
+    prompt is known exactly; rows of different lengths (right padding) read their own end."""
+    import toy_world as tw
+    tok = tw.build_tokenizer()
+    preset = common.resolve_preset("toy")
+    maybe, wait = tok.convert_tokens_to_ids("maybe"), tok.convert_tokens_to_ids("wait")
+    short, long_ = tok.convert_tokens_to_ids("n1"), tok.convert_tokens_to_ids("n2")
+
+    class Fixed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, input_ids, attention_mask):
+            logits = torch.zeros(*input_ids.shape, len(tw.VOCAB))  # (B, T, V)
+            logits[..., maybe] = torch.where(input_ids == short, math.log(3 * (len(tw.VOCAB) - 1)),
+                                             0.0)  # after n1: P(maybe) = 3/4
+            logits[..., wait] = torch.where(input_ids == tok.pad_token_id, 50.0, 0.0)
+            return type("Out", (), {"logits": logits})
+
+    items = [("edges", "<think> n1"), ("edges n3 n4 , n5 n6 start n3 target n4", "<think> n2")]
+    p = common.next_token_prob(Fixed(), tok, preset, items, "maybe")
+    assert p == pytest.approx((0.75 + 1 / len(tw.VOCAB)) / 2, rel=1e-6)

@@ -243,3 +243,31 @@ def test_chunked_stats_keep_no_positions_by_vocab_tensor_for_backward():
     (_, kept_unchunked_without_checkpoint) = saved_bytes(
         lambda: loss_head._chunk_stats(hidden, weight, targets, K, None)[0].sum())
     assert kept_unchunked_without_checkpoint >= N * V * 4  # the naive path keeps (N x V)
+
+
+def test_token_type_split_sums_to_the_total_divergence_and_gradient():
+    torch.manual_seed(0)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0]], dtype=torch.bool)  # (B, T)
+    div = torch.rand(3, 4) * mask  # (B, T)
+    types = torch.tensor([0, 1, 2, 2, 0, 1, 3, 2, 2])  # (N,) N = 9 response tokens
+    grad = torch.rand(9)
+    has_demo = torch.tensor([1.0, 0.0, 1.0])  # the middle sample has no demonstration
+    logs = e.token_type_logs(types, mask, div, grad, ("a", "b", "c", "d"), has_demo)
+    live_total = div[0].sum() + div[2].sum()
+    parts = [logs[f"sdpo/tokens/{n}/divergence"][0] for n in "abcd"]
+    assert sum(parts) == pytest.approx(live_total.item())
+    assert logs["sdpo/tokens/d/divergence"] == (0.0, 0)  # type d is only in the no-demo sample
+    assert sum(logs[f"sdpo/tokens/{n}/divergence_share"][0] for n in "abcd") == pytest.approx(
+        logs["sdpo/tokens/a/divergence_share"][1])
+    assert sum(logs[f"tokens/{n}/grad_share"][0] for n in "abcd") == pytest.approx(grad.sum())
+    assert sum(logs[f"tokens/{n}/share"][0] for n in "abcd") == 9
+    merged = e.parallel.merge_logs([logs, logs])  # micro-batches: sums over both, then ratios
+    assert sum(merged[f"sdpo/tokens/{n}/divergence_share"] for n in "abcd") == pytest.approx(1)
+
+
+def test_watch_grad_norm_reads_the_gradient_per_position():
+    x = torch.tensor([[1.0, 2.0], [3.0, 4.0]], requires_grad=True)
+    box = e.watch_grad_norm(x)
+    (x * torch.tensor([[3.0, 4.0], [0.0, 1.0]])).sum().backward()
+    assert box[0].tolist() == pytest.approx([5.0, 1.0])
+    assert e.watch_grad_norm(torch.ones(2)) == [None]  # no gradient: nothing to watch

@@ -64,7 +64,8 @@ def test_epistemic_ids_cover_every_row_of_a_head_larger_than_the_tokenizer():
     tokens = torch.tensor([[0, rows - 1, maybe]])  # rows - 1: an id past the tokenizer
     mask, ones = torch.ones(1, 2, dtype=torch.bool), torch.ones(1, 2)
     logs = e.token_logs(torch.tensor(1.0), ones, mask, ones, tokens, ids, torch.ones(1))
-    assert logs["divergence_epistemic"] == (1.0, 1) and logs["divergence_other"] == (1.0, 1)
+    assert logs["sdpo/divergence_epistemic"] == (1.0, 1)
+    assert logs["sdpo/divergence_other"] == (1.0, 1)
 
 
 def test_vllm_rollouts_at_other_temperatures_are_refused_before_loading(tmp_path):
