@@ -18,7 +18,10 @@ Where we depart from the paper: exp02's list (its docstring) applies unchanged; 
 sweep adds tau = 0.01 and 0.2 around the paper's 0.05 to show the trend, not a single point.
 """
 
+import json
+import shutil
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import ClassVar
 
 import common
@@ -33,12 +36,37 @@ class Settings(exp02.Settings):
     out_dir: str = arg("runs/{model}/exp03", "run directory ({model} = the --model name); each rate "
                                              "and seed writes <out_dir>/ema<tau>/seed<k>/")
     ema_rates: str = arg("0,0.01,0.05,0.2", "teacher EMA rates tau to compare (0 = the frozen teacher)")
+    frozen_from: str = arg("", "an exp02 --out-dir: tau = 0 is its sdpo_s/seed<k> run when that "
+                           "finished with the same settings (copied, not trained twice)")
 
-    SWEEP_ONLY: ClassVar[tuple] = exp02.Settings.SWEEP_ONLY + ("ema_rates",)
+    SWEEP_ONLY: ClassVar[tuple] = exp02.Settings.SWEEP_ONLY + ("ema_rates", "frozen_from")
 
 
 def run_name(tau: float) -> str:
     return f"ema{tau:g}"
+
+
+def reuse_frozen(s: Settings, run_dir: str) -> bool:
+    """tau = 0 is exp02's SDPO c = s run (frozen teacher) with the same seed: copy it from
+    --frozen-from when it finished there with the same settings (run_dirs.check_run decides),
+    so no run is computed twice. The copy's final.json names its source (`reused_from`)."""
+    source = Path(s.frozen_from, "sdpo_s", f"seed{s.seed}")
+    if s.ema_rate != 0 or not s.frozen_from or Path(run_dir, "final.json").exists():
+        return False
+    resolved = exp02.resolve(s, exp02.pick_world(s.model))  # the world's defaults filled in
+    try:
+        if run_dirs.check_run(source, resolved, resume=True,
+                              sweep_only=Settings.SWEEP_ONLY) != "finished":
+            return False
+    except (FileExistsError, ValueError) as err:  # other settings: train tau = 0 here
+        print(f"--frozen-from {source}: not reused ({err})", flush=True)
+        return False
+    shutil.copytree(source, run_dir, ignore=shutil.ignore_patterns("checkpoints"),
+                    dirs_exist_ok=True)
+    final = json.loads(Path(run_dir, "final.json").read_text())
+    common.write_json_atomic(Path(run_dir, "final.json"), dict(final, reused_from=str(source)))
+    print(f"{run_dir}: tau = 0 is {source} (same settings): copied", flush=True)
+    return True
 
 
 def main(argv=None) -> list[dict]:
@@ -53,9 +81,12 @@ def main(argv=None) -> list[dict]:
     seeds = [int(x) for x in s.seeds.split(",")] if s.seeds else [s.seed]
     runs = [(replace(s, seed=seed, ema_rate=tau), f"{s.out_dir}/{run_name(tau)}/seed{seed}")
             for seed in seeds for tau in rates]
-    for run in runs:  # every run directory checked before the first model loads
-        exp02.plan_arm(*run)
-    finals = [dict(exp02.train_arm(*run), arm=run_name(run[0].ema_rate)) for run in runs]
+    copied = {d for a, d in runs if reuse_frozen(a, d)}
+    for a, d in runs:  # every run directory checked before the first model loads
+        if d not in copied:
+            exp02.plan_arm(a, d)
+    finals = [dict(run_dirs.read_final(d) if d in copied else exp02.train_arm(a, d),
+                   arm=run_name(a.ema_rate)) for a, d in runs]
     common.write_json_atomic(f"{s.out_dir}/summary.json", exp02.summarize(finals))
     exp02.print_summary(finals, s.out_dir, exp02.pick_world(s.model))
     return finals

@@ -43,6 +43,27 @@ def test_exp03_sweeps_the_ema_rate(data, answering_model):
     assert [r["arm"] for r in json.loads((out / "summary.json").read_text())] == ["base (step 0)", "ema0", "ema0.5"]
 
 
+def test_exp03_takes_tau_zero_from_exp02_instead_of_training_it_again(data, answering_model):
+    common_args = ["--model", str(answering_model), "--train-file", str(data / "train.parquet"),
+                   "--data-dir", str(data)] + TINY
+    proc = run("exp02_onpolicy_grpo_sdpo.py", common_args + ["--method", "sdpo",
+                                                             "--out-dir", str(data / "exp02")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run("exp03_ema_teacher.py", common_args + ["--ema-rates", "0", "--out-dir",
+                                                      str(data / "exp03"), "--frozen-from",
+                                                      str(data / "exp02")])
+    assert proc.returncode == 0 and "copied" in proc.stdout, proc.stderr[-3000:]
+    source = json.loads((data / "exp02" / "sdpo_s" / "seed0" / "final.json").read_text())
+    copy = json.loads((data / "exp03" / "ema0" / "seed0" / "final.json").read_text())
+    assert copy.pop("reused_from").endswith("sdpo_s/seed0") and copy == source
+    assert not (data / "exp03" / "ema0" / "seed0" / "checkpoints").exists()
+    proc = run("exp03_ema_teacher.py", common_args + ["--ema-rates", "0", "--lr", "1e-3",
+                                                      "--out-dir", str(data / "exp03b"),
+                                                      "--frozen-from", str(data / "exp02")])
+    assert proc.returncode == 0 and "not reused" in proc.stdout, proc.stderr[-3000:]  # trained
+    assert "reused_from" not in (data / "exp03b" / "ema0" / "seed0" / "final.json").read_text()
+
+
 def test_exp03_rejects_bad_rates(tmp_path):
     proc = run("exp03_ema_teacher.py", ["--model", TINY_MODEL, "--ema-rates", "0,fast", "--out-dir", str(tmp_path)])
     assert proc.returncode == 2 and "--ema-rates" in proc.stderr and "Traceback" not in proc.stderr
