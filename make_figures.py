@@ -6,25 +6,32 @@ Reads the files the experiments write (claims in docs/PROTOCOL.md):
   results/exp02/<arm>/seed<k>/metrics.jsonl              GRPO vs SDPO c=s vs SDPO c=s\\think (C3)
   results/exp03/ema<tau>/seed<k>/metrics.jsonl           frozen vs EMA teacher (C4)
   results/exp04/<coverage>/<arm>/seed<k>/metrics.jsonl   task coverage (C5)
-  results/controls/drop_hedge/exp02/sdpo_s/seed<k>/      token-vs-behaviour control (optional)
+  results/controls/<name>/exp02/sdpo_s/seed<k>/          the toy controls (CONTROLS; each optional)
 
 and writes into <results>/figures/ one PNG per figure with the CSV of the numbers it plots (mean,
-population std and number of seeds per point; the first line, `# ...`, holds the definitions),
-Table 1 and Table 2 as CSV, and the claims report (printed and written to <results>/claims.md).
+population std and number of seeds per point; the first line, `# ...`, holds the definitions):
+a figure per experiment (exp02_onpolicy, exp03_ema, exp04_coverage, controls), its failure
+classes over training (<exp>_failures, controls_failures: stacked shares per arm on
+FAILURE_SET), where the distillation acts (exp03_mechanism: divergence, gradient and token shares
+per token type; P(`maybe`) of student and teacher), Table 1 and Table 2 as CSV, and the claims
+report (printed and written to <results>/claims.md).
 
   python make_figures.py                         # every figure and the claims report
   python make_figures.py --only exp02,exp03      # a subset of the figures (the report covers all)
   python make_figures.py --claims                # print the claims report only; writes nothing
-  python make_figures.py --results runs/toy      # your own runs (the scripts write runs/<model>/<exp>/)
+  python make_figures.py --results runs/toy      # your own runs (scripts write runs/<model>/<exp>/)
 
 Without --only, the figures of every experiment the tree holds are built and the missing ones
-are named with the command that makes them (for results/ itself: reproduce_toy.sh).
+are named with the command that makes them (for results/ itself: reproduce_toy.sh; a missing
+control: the two commands that make its base and its run).
 
 Each claims row compares two per-seed quantities A → B (e.g. OOD accuracy at step 0 → at the last
 evaluation of SDPO c=s) and judges Δ = B − A, paired by seed: "yes" when Δ has the paper's sign in
 every seed, "partly" when only the mean over seeds has it, "no" otherwise, "n/a" when missing.
-Only finished runs (with final.json) are read; a metrics.jsonl line cut by a crash at the end is
-ignored. Imports numpy, pandas and matplotlib only (no torch), so it runs anywhere in seconds.
+Next to it: the failure classes whose share grew most in that arm. The controls wrong_revised and
+filler are judged by criteria fixed before their runs (CRITERIA). Only finished runs (with
+final.json) are read; a metrics.jsonl line cut by a crash at the end is ignored. Imports numpy,
+pandas and matplotlib only (no torch), so it runs anywhere in seconds.
 """
 from __future__ import annotations
 
@@ -33,6 +40,7 @@ import json
 import math
 import re
 import sys
+from fractions import Fraction
 from pathlib import Path
 
 import matplotlib
@@ -43,53 +51,73 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-WORDS = ("wait", "hmm", "perhaps", "maybe", "actually", "alternatively", "seems", "might", "likely", "check")
+WORDS = ("wait", "hmm", "perhaps", "maybe", "actually", "alternatively", "seems", "might",
+         "likely", "check")
 ACCURACY = {  # name -> the evaluation sets whose avg@k it averages
     "toy": {"held-out accuracy": ["in_domain"], "OOD accuracy": ["ood_d4", "ood_d5", "ood_l5"]},
     "math": {"OOD accuracy": ["aime24"], "AMC23 accuracy": ["amc23"]},
 }
 REF_SET = {"toy": "in_domain", "math": "aime24"}  # where the change in epistemic counts is measured
+# Where the failure classes are shown: the deepest OOD cell, where the failures show most (a
+# mean over the OOD sets would dilute it); in the math world the OOD benchmark.
+FAILURE_SET = {"toy": "ood_d5", "math": "aime24"}
+GREW = 0.005  # a class "grew" when its mean share rose by at least this (half the 0.01 shown)
 DEFINITIONS = {
-    "toy": "held-out accuracy = eval in_domain avg@1; OOD accuracy = mean avg@1 over ood_d4, ood_d5, ood_l5; "
-           "epistemic counts per response on in_domain",
-    "math": "OOD accuracy = aime24 avg@16; AMC23 accuracy = amc23 avg@16; epistemic counts per response on aime24",
+    "toy": "held-out accuracy = eval in_domain avg@1; OOD accuracy = mean avg@1 over ood_d4, "
+           "ood_d5, ood_l5; epistemic counts per response on in_domain",
+    "math": "OOD accuracy = aime24 avg@16; AMC23 accuracy = amc23 avg@16; epistemic counts per "
+            "response on aime24",
 }
+EXPERIMENTS = ("exp01", "exp02", "exp03", "exp04")
+CONTROLS = ("drop_hedge", "wrong_revised", "filler")  # toy_world.CONTROLS, each an SDPO c=s run
+FILLER = "the"  # toy_world.FILLER: the filler control's content-free word (eval/<set>/words/the)
+# The verdict rules of the wrong_revised and filler controls, fixed before those runs were made
+# (pre-stated: never tune them to the data); criteria_text() prints them in the report.
+CRITERIA = dict(for_construction=Fraction(1, 3), against_construction=Fraction(2, 3),
+                removed=0.5, kept=0.2, cost=0.05)
 SEEDS = "--seeds 0,1,2"
 REFERENCE = Path(__file__).resolve().parent / "results"  # the committed reference runs
 
 
 def commands(results: Path) -> dict[str, str]:
-    """What makes each part of a results tree: the reference tree is regenerated by
-    reproduce_toy.sh (never by hand into results/); any other tree by the scripts' --out-dir."""
-    if results.resolve() == REFERENCE:
-        return {name: "bash reproduce_toy.sh" for name in NEEDS}
-    dh = f"{results}/controls/drop_hedge"
-    return {
-        "exp01": f"python exp01_offpolicy.py {SEEDS} --out-dir {results}/exp01",
-        "exp02": f"python exp02_onpolicy_grpo_sdpo.py {SEEDS} --out-dir {results}/exp02",
-        "exp03": f"python exp03_ema_teacher.py --ema-rates 0,0.05,0.2 {SEEDS} --out-dir {results}/exp03",
-        "exp04": f"python exp04_coverage.py --coverages 1,64,fresh {SEEDS} --out-dir {results}/exp04",
-        "controls": f"python toy_world.py pretrain --init-from toy_model --p-drop-hedge 0.5 --seed 3 --steps 2000 "
-                    f"--lr 5e-4 --out-dir {dh}/model && python exp02_onpolicy_grpo_sdpo.py --model {dh}/model "
-                    f"--method sdpo --teacher-context s {SEEDS} --out-dir {dh}/exp02",
-    }
+    """What makes each part of a results tree: the reference tree's experiments are regenerated by
+    reproduce_toy.sh (never by hand into results/), any other tree's by the scripts' --out-dir; a
+    control by its base (toy_world.py control NAME DIR) and the SDPO c=s run from it."""
+    cmds = {name: "bash reproduce_toy.sh" for name in EXPERIMENTS}
+    if results.resolve() != REFERENCE:
+        ema, cov = "--ema-rates 0,0.05,0.2", "--coverages 1,64,fresh"
+        cmds = {"exp01": f"python exp01_offpolicy.py {SEEDS} --out-dir {results}/exp01",
+                "exp02": f"python exp02_onpolicy_grpo_sdpo.py {SEEDS} --out-dir {results}/exp02",
+                "exp03": f"python exp03_ema_teacher.py {ema} {SEEDS} --out-dir {results}/exp03",
+                "exp04": f"python exp04_coverage.py {cov} {SEEDS} --out-dir {results}/exp04"}
+    for name in CONTROLS:
+        d = f"{results}/controls/{name}"
+        cmds[name] = (f"python toy_world.py control {name} {d}/model && python "
+                      f"exp02_onpolicy_grpo_sdpo.py --model {d}/model --method sdpo "
+                      f"--teacher-context s {SEEDS} --out-dir {d}/exp02")
+    return cmds
 
 
-NEEDS = {"exp01": ["exp01"], "exp02": ["exp02"], "exp03": ["exp03"], "exp04": ["exp04"], "controls": ["exp01"]}
-RUN_DIRS = {"controls": "controls/drop_hedge/exp02"}  # the others: results/<name>
-EXPECT = {"> 0": lambda d: d > 0, "< 0": lambda d: d < 0, "≥ 0": lambda d: d >= 0}  # the paper's sign of a difference
+NEEDS = {"exp01": ["exp01"], "exp02": ["exp02"], "exp03": ["exp03"], "exp04": ["exp04"],
+         "controls": ["exp01"]}  # figure group -> the results it cannot do without
+RUN_DIRS = {name: f"controls/{name}/exp02" for name in CONTROLS}  # the others: results/<name>
+EXPECT = {"> 0": lambda d: d > 0, "< 0": lambda d: d < 0,
+          "≥ 0": lambda d: d >= 0}  # the paper's sign of a difference
 
 
 class MissingResults(Exception):
-    """A result the requested output needs is not there; the message names the command that makes it."""
+    """A result the requested output needs is not there; the message names the command."""
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--results", default="results", help="results tree to read: results (the reference runs) or "
-                   "runs/<model> (the scripts' default --out-dir, e.g. runs/toy); figures go to <results>/figures/")
-    p.add_argument("--only", default="", help=f"comma-separated figures to build: {','.join(NEEDS)} (default: all)")
-    p.add_argument("--claims", action="store_true", help="print the claims report only (no figure, no file written)")
+    p.add_argument("--results", default="results", help="results tree to read: results (the "
+                   "reference runs) or runs/<model> (the scripts' default --out-dir, e.g. "
+                   "runs/toy); figures go to <results>/figures/")
+    p.add_argument("--only", default="", help=f"comma-separated figures to build: "
+                   f"{','.join(NEEDS)} (default: all)")
+    p.add_argument("--claims", action="store_true",
+                   help="print the claims report only (no figure, no file written)")
     return p.parse_args(argv)
 
 
@@ -97,7 +125,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 # Reading results
 # ---------------------------------------------------------------------------------------------
 def read_metrics(run: Path) -> pd.DataFrame:
-    """metrics.jsonl -> one row per step, sorted; an unparseable last line (cut by a crash) is ignored."""
+    """metrics.jsonl -> one row per step, sorted; an unparseable last line (cut by a crash) is
+    ignored."""
     path = run / "metrics.jsonl"
     lines = path.read_text().splitlines() if path.exists() else []
     rows = []
@@ -106,26 +135,45 @@ def read_metrics(run: Path) -> pd.DataFrame:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
             if i < len(lines) - 1:
-                raise ValueError(f"{path} line {i + 1} is not JSON (only a last line may be cut)") from None
+                raise ValueError(f"{path} line {i + 1} is not JSON (only a last line may be cut)"
+                                 ) from None
     if not rows:
         raise ValueError(f"{path} has no metrics although the run has final.json")
-    return pd.DataFrame(rows).drop_duplicates("step", keep="last").sort_values("step").reset_index(drop=True)
+    frame = pd.DataFrame(rows).drop_duplicates("step", keep="last")
+    return frame.sort_values("step").reset_index(drop=True)
+
+
+def coverage_order(name: str) -> float:
+    """cov1 < cov8 < ... < fresh; the paper's files by their first number (seen_1x64 -> 1)."""
+    digits = re.search(r"\d+", name)
+    return math.inf if name == "fresh" or not digits else int(digits.group())
+
+
+def reading_order(arm: str) -> tuple:
+    """ema<tau> by tau, <coverage>/<arm> by coverage, any other arm by name."""
+    head = arm.split("/")[0]
+    if re.fullmatch(r"ema[\d.]+", head):
+        return float(head[3:]), arm
+    return (coverage_order(head) if "/" in arm else 0), arm
 
 
 def finished_runs(root: Path) -> dict[str, dict[int, Path]]:
-    """{arm path below root ('' for root itself): {seed: run directory}} of runs with final.json."""
+    """{arm path below root ('' for root itself): {seed: run directory}} of runs with final.json,
+    the arms in reading order."""
     found = {}
     for final in sorted(root.glob("**/seed*/final.json")):
         run = final.parent
         if run.name[4:].isdigit():
             rel = run.parent.relative_to(root)
-            found.setdefault("" if rel == Path(".") else rel.as_posix(), {})[int(run.name[4:])] = run
-    return found
+            arm = "" if rel == Path(".") else rel.as_posix()
+            found.setdefault(arm, {})[int(run.name[4:])] = run
+    return dict(sorted(found.items(), key=lambda kv: reading_order(kv[0])))
 
 
 def world_of(keys) -> str:
     """The world, from the evaluation set names present (the math benchmarks, or the toy cells)."""
-    return "math" if any(re.search(r"(^|/)(aime24|aime25|amc23|math500)/", k) for k in keys) else "toy"
+    math_set = r"(^|/)(aime24|aime25|amc23|math500)/"
+    return "math" if any(re.search(math_set, k) for k in keys) else "toy"
 
 
 def with_accuracies(m, prefix: str):
@@ -145,12 +193,15 @@ def load(results: Path, name: str):
     root = results / RUN_DIRS.get(name, name)
     found = finished_runs(root) if root.is_dir() else {}
     if name != "exp01":
-        return {arm: {seed: with_accuracies(read_metrics(run), "eval/") for seed, run in runs.items()}
+        return {arm: {seed: with_accuracies(read_metrics(run), "eval/")
+                      for seed, run in runs.items()}
                 for arm, runs in found.items() if arm} or None
-    finals = {seed: json.loads((run / "final.json").read_text()) for seed, run in found.get("", {}).items()}
+    finals = {seed: json.loads((run / "final.json").read_text())
+              for seed, run in found.get("", {}).items()}
     for seed, f in finals.items():
         if "base" not in f.get("table2", {}) or "table1" not in f:
-            raise ValueError(f"{found[''][seed] / 'final.json'} has no table1 or no table2 with a base model")
+            raise ValueError(f"{found[''][seed] / 'final.json'} has no table1 or no table2 with a "
+                             "base model")
         for model in f["table2"].values():
             with_accuracies(with_accuracies(model, "eval/"), "eval_forced/")
     return finals or None
@@ -172,14 +223,25 @@ def missing_message(results: Path, name: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # Per-seed values and statistics
 # ---------------------------------------------------------------------------------------------
+def logged(runs: dict, key: str) -> dict[int, pd.Series]:
+    """Per seed, the values of `key` at the steps that logged it."""
+    return {seed: df[key].dropna() for seed, df in runs.items()
+            if key in df and df[key].notna().any()}
+
+
 def first(runs: dict, key: str) -> dict[int, float]:
     """Per seed, the first logged value (step 0 for eval keys: the base; step 1 for train keys)."""
-    return {seed: float(df[key].dropna().iloc[0]) for seed, df in runs.items() if key in df and df[key].notna().any()}
+    return {seed: float(v.iloc[0]) for seed, v in logged(runs, key).items()}
 
 
 def last(runs: dict, key: str) -> dict[int, float]:
     """Per seed, the last logged value (the final evaluation, or the last training step)."""
-    return {seed: float(df[key].dropna().iloc[-1]) for seed, df in runs.items() if key in df and df[key].notna().any()}
+    return {seed: float(v.iloc[-1]) for seed, v in logged(runs, key).items()}
+
+
+def over_training(runs: dict, key: str) -> dict[int, float]:
+    """Per seed, the mean of `key` over the steps that logged it."""
+    return {seed: float(v.mean()) for seed, v in logged(runs, key).items()}
 
 
 def paired(a: dict[int, float], b: dict[int, float]) -> dict[int, float]:
@@ -192,8 +254,17 @@ def delta(runs: dict, key: str) -> dict[int, float]:
 
 
 def exp01_values(ex01: dict | None, table: str, row: str, key: str) -> dict[int, float]:
-    """Per seed, final.json[table][row][key] of exp01 (a context or model without it is left out)."""
-    return {seed: f[table][row][key] for seed, f in (ex01 or {}).items() if key in f[table].get(row, {})}
+    """Per seed, final.json[table][row][key] of exp01 (a context or model without it is left
+    out)."""
+    return {seed: f[table][row][key] for seed, f in (ex01 or {}).items()
+            if key in f[table].get(row, {})}
+
+
+def columns(runs: dict, pattern: str) -> list[str]:
+    """The first group of `pattern` in each metric key of these runs that matches it in full,
+    in the order logged (e.g. the world's FAILURE_CLASSES)."""
+    keys = dict.fromkeys(k for df in runs.values() for k in df.columns)
+    return [m.group(1) for k in keys if (m := re.fullmatch(pattern, k))]
 
 
 def stats(values) -> tuple[float, float, int]:
@@ -204,15 +275,16 @@ def stats(values) -> tuple[float, float, int]:
 
 
 def mean_std(values, signed: bool = False, digits: int | None = None) -> str:
-    """'mean ± std', by default with 1 decimal from 10 up (lengths, counts), else 3; 'n/a' if empty."""
+    """'mean ± std', by default with 1 decimal from 10 up (lengths, counts), else 3; 'n/a' if
+    empty."""
     m, s, n = stats(values)
     digits = digits if digits is not None else 1 if abs(m) >= 10 else 3
     return "n/a" if not n else f"{m:{'+' if signed else ''},.{digits}f} ± {s:,.{digits}f}"
 
 
 def direction(diffs: dict[int, float], expect: str) -> str:
-    """'yes' when the paper's sign (EXPECT) holds for the difference of every seed, 'partly' when it
-    holds for their mean only, 'no' otherwise, 'n/a' without any seed."""
+    """'yes' when the paper's sign (EXPECT) holds for the difference of every seed, 'partly' when
+    it holds for their mean only, 'no' otherwise, 'n/a' without any seed."""
     values = [d for d in diffs.values() if math.isfinite(d)]
     if not values:
         return "n/a"
@@ -222,9 +294,54 @@ def direction(diffs: dict[int, float], expect: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# Failure classes: eval/<set>/failure/<class>, the shares of the responses, summing to 1
+# ---------------------------------------------------------------------------------------------
+def failure_set(runs: dict) -> str:
+    """FAILURE_SET of the world these runs live in."""
+    return FAILURE_SET[world_of([k for df in runs.values() for k in df.columns])]
+
+
+def failure_keys(runs: dict) -> dict[str, str]:
+    """{class: metric key} on failure_set, in the order logged (the world's FAILURE_CLASSES)."""
+    prefix = f"eval/{failure_set(runs)}/failure/"
+    return {c: prefix + c for c in columns(runs, re.escape(prefix) + r"([^/]+)")}
+
+
+def failure_changes(runs: dict) -> list[tuple[str, float, float, float]]:
+    """(class, mean share at step 0, at the final evaluation, mean change paired by seed) of
+    every failure class (`correct` is none), the largest rise first."""
+    out = []
+    for cls, key in failure_keys(runs).items():
+        a, b = first(runs, key), last(runs, key)
+        d = paired(a, b)
+        if cls != "correct" and d:
+            out.append((cls, stats([a[s] for s in d])[0], stats([b[s] for s in d])[0],
+                        stats(d)[0]))
+    return sorted(out, key=lambda c: -c[3])
+
+
+def grew_most(runs: dict, top: int = 2) -> str:
+    """The `top` failure classes whose mean share grew most (by GREW at least), e.g.
+    'repeated_arm 0.01 → 0.16, cut_at_limit 0.00 → 0.05'; 'none grew'; 'n/a' when not logged."""
+    changes = failure_changes(runs)
+    grown = [f"{c} {a:.2f} → {b:.2f}" for c, a, b, d in changes[:top] if d >= GREW]
+    return ", ".join(grown) or ("none grew" if changes else "n/a")
+
+
+def failure_note(arms: dict[str, dict]) -> str:
+    """'ood_d5: <grew_most>' of one arm; 'ood_d5: A: <...>; B: <...>' of two."""
+    grown = [grew_most(runs) for runs in arms.values()]
+    if set(grown) == {"n/a"}:
+        return "n/a"
+    text = "; ".join(grown if len(arms) == 1 else map(": ".join, zip(arms, grown)))
+    return f"{failure_set(next(runs for runs in arms.values() if runs))}: {text}"
+
+
+# ---------------------------------------------------------------------------------------------
 # Figures. A builder returns points (panel, series, x, mean, std, n): a panel whose x are steps is
-# drawn as lines (mean, shaded ± std), any other as grouped bars (± std); a series "A · B" takes A's
-# colour and B's line style; a series ending in "+ forcing" is hatched.
+# drawn as lines (mean, shaded ± std), any other as grouped bars (± std); a series "A · B" takes
+# A's colour and B's line style; a series ending in "+ forcing" is hatched. The failure figures
+# draw their panels as stacked areas instead.
 # ---------------------------------------------------------------------------------------------
 def point(panel: str, series: str, x, values) -> dict:
     m, s, n = stats(values)
@@ -238,7 +355,8 @@ def curve(panel: str, series: str, runs: dict, key: str) -> list[dict]:
     return [point(panel, series, int(step), row.to_numpy()) for step, row in wide.iterrows()]
 
 
-def stat_table(groups: dict[tuple, list[dict]], id_cols: list[str], keys: list[str]) -> pd.DataFrame:
+def stat_table(groups: dict[tuple, list[dict]], id_cols: list[str], keys: list[str]
+               ) -> pd.DataFrame:
     """A table: one row per group, the mean and std of each key over its seeds' metric dicts."""
     rows = []
     for ids, dicts in groups.items():
@@ -253,35 +371,44 @@ def fig_table1(ex01: dict) -> tuple[list[dict], pd.DataFrame]:
     contexts = list(dict.fromkeys(c for f in ex01.values() for c in f["table1"]))
     pts = [point(key, "", c, exp01_values(ex01, "table1", c, key))
            for key in ("accuracy", "response_length", "epistemic/total") for c in contexts]
-    pts += [point("epistemic/<word> per response", f"c = {c}", w, exp01_values(ex01, "table1", c, f"epistemic/{w}"))
+    pts += [point("epistemic/<word> per response", f"c = {c}", w,
+                  exp01_values(ex01, "table1", c, f"epistemic/{w}"))
             for c in ("none", "s") for w in WORDS]
-    keys = ["questions", "accuracy", "response_length", "epistemic/total", "epistemic/total_per_1k_tokens",
-            "epistemic_word/total"] + [f"epistemic/{w}" for w in WORDS]
-    return pts, stat_table({(c,): [f["table1"].get(c, {}) for f in ex01.values()] for c in contexts}, ["context"], keys)
+    keys = ["questions", "accuracy", "response_length", "epistemic/total",
+            "epistemic/total_per_1k_tokens", "epistemic_word/total"]
+    keys += [f"epistemic/{w}" for w in WORDS]
+    groups = {(c,): [f["table1"].get(c, {}) for f in ex01.values()] for c in contexts}
+    return pts, stat_table(groups, ["context"], keys)
 
 
 def fig_table2(ex01: dict) -> tuple[list[dict], pd.DataFrame]:
     models = list(dict.fromkeys(m for f in ex01.values() for m in f["table2"]))
-    metrics = list(dict.fromkeys(k for f in ex01.values() for m in f["table2"].values() for k in m))
+    metrics = list(dict.fromkeys(k for f in ex01.values() for m in f["table2"].values()
+                                 for k in m))
     avg = next((k.rsplit("/", 1)[1] for k in metrics if re.search(r"/avg@\d+$", k)), "avg@1")
-    sets = list(dict.fromkeys(k.split("/")[1] for k in metrics if k.startswith("eval/") and k.endswith("/" + avg)))
-    variants = [("eval/", "")] + ([("eval_forced/", " + forcing")] if any(k.startswith("eval_forced/") for k in metrics)
-                                  else [])
-    pts = [point(panel, model + suffix, s, exp01_values(ex01, "table2", model, f"{prefix}{s}/{metric}"))
+    sets = list(dict.fromkeys(k.split("/")[1] for k in metrics
+                              if k.startswith("eval/") and k.endswith("/" + avg)))
+    forced = any(k.startswith("eval_forced/") for k in metrics)
+    variants = [("eval/", "")] + ([("eval_forced/", " + forcing")] if forced else [])
+    pts = [point(panel, model + suffix, s,
+                 exp01_values(ex01, "table2", model, f"{prefix}{s}/{metric}"))
            for panel, metric in ((f"accuracy ({avg}) per evaluation set", avg),
                                  ("epistemic/total per response", "epistemic/total"))
            for prefix, suffix in variants for model in models for s in sets]
-    keys = [k for k in metrics if re.search(r"(avg@\d+|pass@\d+|response_length|epistemic/total|accuracy)$|^sft/", k)]
-    return pts, stat_table({(m,): [f["table2"].get(m, {}) for f in ex01.values()] for m in models}, ["model"], keys)
+    wanted = r"(avg@\d+|pass@\d+|response_length|epistemic/total|accuracy)$|^sft/"
+    keys = [k for k in metrics if re.search(wanted, k)]
+    groups = {(m,): [f["table2"].get(m, {}) for f in ex01.values()] for m in models}
+    return pts, stat_table(groups, ["model"], keys)
 
 
 def fig_onpolicy(arms: dict[str, dict], world: str) -> list[dict]:
-    """Per arm: training score and response length per step, the accuracies at each evaluation, and
-    the change in epistemic counts per word on the reference set (final − base, per seed)."""
+    """Per arm: training score and response length per step, the accuracies at each evaluation,
+    and the change in epistemic counts per word on the reference set (final − base, per seed)."""
     ref, pts = REF_SET[world], []
     for arm, runs in arms.items():
         pts += curve("training score (train/reward)", arm, runs, "train/reward")
-        pts += curve("response length (train/response_length)", arm, runs, "train/response_length")
+        pts += curve("response length (train/response_length)", arm, runs,
+                     "train/response_length")
         for name in ACCURACY[world]:
             pts += curve("accuracy (eval)", f"{arm} · {name}", runs, f"eval/{name}")
         pts += [point(f"Δ epistemic per response on {ref} (final − base)", arm, w,
@@ -290,7 +417,6 @@ def fig_onpolicy(arms: dict[str, dict], world: str) -> list[dict]:
 
 
 def fig_ema(taus: dict[str, dict], world: str) -> list[dict]:
-    taus = dict(sorted(taus.items(), key=lambda kv: float(kv[0].removeprefix("ema"))))
     pts = fig_onpolicy(taus, world)
     for tau, runs in taus.items():
         for kind in ("epistemic", "other"):
@@ -299,41 +425,78 @@ def fig_ema(taus: dict[str, dict], world: str) -> list[dict]:
     return pts
 
 
-def coverage_order(name: str) -> float:
-    """cov1 < cov8 < ... < fresh; the paper's files by their first number (seen_1x64 -> 1)."""
-    digits = re.search(r"\d+", name)
-    return math.inf if name == "fresh" or not digits else int(digits.group())
-
-
 def fig_coverage(ex04: dict[str, dict], world: str) -> list[dict]:
-    covs = sorted({k.split("/")[0] for k in ex04}, key=coverage_order)
+    covs = list(dict.fromkeys(k.split("/")[0] for k in ex04))
     arms = list(dict.fromkeys(k.split("/")[1] for k in ex04))
     ood, pts = "OOD accuracy: base (step 0) and final", []
     for cov in covs:
-        pts.append(point(ood, "base (step 0)", cov, first(ex04.get(f"{cov}/{arms[0]}", {}), "eval/OOD accuracy")))
+        base = first(ex04.get(f"{cov}/{arms[0]}", {}), "eval/OOD accuracy")
+        pts.append(point(ood, "base (step 0)", cov, base))
         for arm in arms:
             runs = ex04.get(f"{cov}/{arm}", {})
-            pts.append(point("final training score (train/reward, last step)", arm, cov, last(runs, "train/reward")))
-            pts.append(point("final response length (last step)", arm, cov, last(runs, "train/response_length")))
+            pts.append(point("final training score (train/reward, last step)", arm, cov,
+                             last(runs, "train/reward")))
+            pts.append(point("final response length (last step)", arm, cov,
+                             last(runs, "train/response_length")))
             pts.append(point(ood, f"{arm} final", cov, last(runs, "eval/OOD accuracy")))
-            pts += curve("training score per step (train/reward)", f"{cov} · {arm}", runs, "train/reward")
+            pts += curve("training score per step (train/reward)", f"{cov} · {arm}", runs,
+                         "train/reward")
     return pts
 
 
-def fig_controls(ex01: dict, ctrl: dict | None, ex02: dict | None, world: str) -> list[dict]:
-    """SDPO c=s from the shipped base vs the drop_hedge base (base and final); accuracy of the exp01
-    models with and without budget forcing."""
+def fig_failures(arms: dict[str, dict]) -> list[dict]:
+    """One panel per arm: the share of each failure class on FAILURE_SET at every evaluation."""
+    return [p for arm, runs in arms.items() for cls, key in failure_keys(runs).items()
+            for p in curve(f"{arm}: failure classes on {failure_set(runs)}", cls, runs, key)]
+
+
+def fig_mechanism(ex03: dict[str, dict], ex02: dict | None) -> list[dict]:
+    """Where the distillation acts. Per token type (train/tokens/<type>/...), per seed the mean
+    over training steps of its share of the teacher–student divergence, of the gradient norm at
+    the log-probs and of the response tokens (the baseline of the two), for exp03's teachers; the
+    gradient share also for exp02's arms. And P(`maybe`) at the first choice (the probe) of the
+    student and the teacher at every evaluation."""
+    shares = (("divergence share", "train/sdpo/tokens/{}/divergence_share", "exp03", ex03),
+              ("gradient share", "train/tokens/{}/grad_share", "exp03", ex03),
+              ("token share", "train/tokens/{}/share", "exp03", ex03),
+              ("gradient share", "train/tokens/{}/grad_share", "exp02", ex02 or {}))
     pts = []
-    shipped, drop_hedge = (ex02 or {}).get("sdpo_s", {}), (ctrl or {}).get("sdpo_s", {})
-    for label, runs in (("shipped base", shipped), ("drop_hedge base", drop_hedge)):
-        for key in (f"eval/{REF_SET[world]}/epistemic/total", "eval/held-out accuracy", "eval/OOD accuracy"):
-            pts.append(point(f"SDPO c=s: {key.removeprefix('eval/')}", "step 0", label, first(runs, key)))
-            pts.append(point(f"SDPO c=s: {key.removeprefix('eval/')}", "final", label, last(runs, key)))
+    for what, key, exp, arms in shares:
+        for arm, runs in arms.items():
+            pts += [point(f"{what} per token type ({exp}, mean over steps)", arm, t,
+                          over_training(runs, key.format(t)))
+                    for t in columns(runs, r"train/tokens/([^/]+)/share")]
+    for arm, runs in ex03.items():
+        for probe in columns(runs, r"(probe/[^/]+/(?:student|teacher))"):
+            word, who = probe.split("/")[1:]
+            pts += curve(f"P(`{word}`) at the first choice (probe, exp03)", f"{arm} · {who}",
+                         runs, probe)
+    return pts
+
+
+def control_bases(data: dict) -> dict[str, dict]:
+    """The SDPO c=s runs of each base present: the shipped one (exp02) and the controls'."""
+    bases = {"shipped base": (data["exp02"] or {}).get("sdpo_s", {})}
+    bases.update({f"{c} base": data[c]["sdpo_s"] for c in CONTROLS
+                  if "sdpo_s" in (data[c] or {})})
+    return {label: runs for label, runs in bases.items() if runs}
+
+
+def fig_controls(data: dict, world: str) -> list[dict]:
+    """SDPO c=s from the shipped base vs each control's base (step 0 and final); accuracy of
+    the exp01 models with and without budget forcing."""
+    ref, pts = REF_SET[world], []
+    for label, runs in control_bases(data).items():
+        for key in (f"eval/{ref}/epistemic/total", f"eval/{ref}/epistemic/maybe",
+                    f"eval/{ref}/words/{FILLER}", "eval/held-out accuracy", "eval/OOD accuracy"):
+            panel = f"SDPO c=s: {key.removeprefix('eval/')}"
+            pts.append(point(panel, "step 0", label, first(runs, key)))
+            pts.append(point(panel, "final", label, last(runs, key)))
     for name in ACCURACY[world]:
         for model in ("base", "D_ug", "D_sg"):
             for prefix, suffix in (("eval/", ""), ("eval_forced/", " + forcing")):
                 pts.append(point(f"budget forcing: {name}", f"accuracy{suffix}", model,
-                                 exp01_values(ex01, "table2", model, prefix + name)))
+                                 exp01_values(data["exp01"], "table2", model, prefix + name)))
     return pts
 
 
@@ -347,7 +510,8 @@ def draw_lines(ax, part: pd.DataFrame, colors: dict) -> None:
     for series, g in part.groupby("series", sort=False):
         x, c = g.x.astype(float), color(series, colors)
         style = ("-", "--", ":")[variants.index(series.partition(" · ")[2]) % 3]
-        ax.plot(x, g["mean"], style, color=c, label=series, marker="o" if len(g) < 8 else None, ms=3)
+        ax.plot(x, g["mean"], style, color=c, label=series, marker="o" if len(g) < 8 else None,
+                ms=3)
         ax.fill_between(x, g["mean"] - g["std"], g["mean"] + g["std"], color=c, alpha=0.15)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("training step")
@@ -358,15 +522,32 @@ def draw_bars(ax, part: pd.DataFrame, colors: dict) -> None:
     width = 0.8 / len(series)
     for i, s in enumerate(series):
         g = part[part.series == s].set_index("x").reindex(xs)
-        ax.bar(np.arange(len(xs)) + (i - (len(series) - 1) / 2) * width, g["mean"], width, yerr=g["std"].fillna(0),
-               color=color(s, colors), hatch="//" if s.endswith("+ forcing") else None, label=s or None,
-               capsize=2, edgecolor="black", linewidth=0.3)
+        ax.bar(np.arange(len(xs)) + (i - (len(series) - 1) / 2) * width, g["mean"], width,
+               yerr=g["std"].fillna(0), color=color(s, colors), label=s or None, capsize=2,
+               hatch="//" if s.endswith("+ forcing") else None, edgecolor="black",
+               linewidth=0.3)
     ax.set_xticks(range(len(xs)), xs, rotation=30 if len(xs) > 5 else 0, fontsize=7)
     ax.axhline(0, color="black", linewidth=0.5)
 
 
-def save_figure(out: Path, name: str, pts: list[dict], note: str) -> None:
-    """<name>.csv (a `# note` line, then the points) and <name>.png (one panel per `panel`)."""
+def draw_stacked(ax, part: pd.DataFrame, colors: dict) -> None:
+    """The series' means stacked over the steps (shares summing to 1; the std is in the CSV):
+    the failure classes from the bottom up, `correct` (grey) on top; the legend to the right."""
+    wide = part.pivot(index="x", columns="series", values="mean").fillna(0)  # (steps, series)
+    order = sorted(dict.fromkeys(part.series), key=lambda s: s == "correct")
+    colors.setdefault("correct", "lightgrey")
+    ax.stackplot(wide.index.astype(float), wide[order].T.to_numpy(), labels=order,
+                 colors=[color(s, colors) for s in order])
+    handles, labels = ax.get_legend_handles_labels()
+    ax.legend(handles[::-1], labels[::-1], fontsize=6, loc="upper left", bbox_to_anchor=(1, 1))
+    ax.set_ylim(0, 1)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("training step")
+
+
+def save_figure(out: Path, name: str, pts: list[dict], note: str, draw=None) -> None:
+    """<name>.csv (a `# note` line, then the points) and <name>.png (one panel per `panel`,
+    drawn by `draw`, by default lines over steps and bars otherwise)."""
     frame = pd.DataFrame([p for p in pts if p["n"]])
     if frame.empty:
         print(f"note: {name}: nothing to plot, skipped")
@@ -381,9 +562,10 @@ def save_figure(out: Path, name: str, pts: list[dict], note: str) -> None:
     colors = {}
     for ax, panel in zip(axes.flat, panels):
         part = frame[frame.panel == panel]
-        (draw_lines if all(isinstance(x, (int, np.integer)) for x in part.x) else draw_bars)(ax, part, colors)
+        steps = all(isinstance(x, (int, np.integer)) for x in part.x)
+        (draw or (draw_lines if steps else draw_bars))(ax, part, colors)
         ax.set_title(panel, fontsize=9)
-        if any(part.series):
+        if any(part.series) and not ax.get_legend():
             ax.legend(fontsize=6)
     for ax in axes.flat[len(panels):]:
         ax.axis("off")
@@ -397,31 +579,52 @@ def save_figure(out: Path, name: str, pts: list[dict], note: str) -> None:
 def build_figures(only: list[str], data: dict, world: str, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     note = DEFINITIONS[world]
+    failures = (f"the share of the responses on {FAILURE_SET[world]} in each failure class at "
+                "each evaluation (they sum to 1; between step 0 and the last evaluation on the "
+                "first eval/problems_per_set problems only)")
     if "exp01" in only:
         for name, build in (("exp01_table1", fig_table1), ("exp01_table2", fig_table2)):
             pts, table = build(data["exp01"])
             table.to_csv(out / f"{name.removeprefix('exp01_')}.csv", index=False)
-            save_figure(out, name, pts, note + "; '+ forcing' = evaluated with budget forcing (`wait`)")
-    for name, key, build in (("exp02_onpolicy", "exp02", fig_onpolicy), ("exp03_ema", "exp03", fig_ema),
+            save_figure(out, name, pts, note + "; '+ forcing' = evaluated with budget forcing "
+                        "(`wait`)")
+    for name, key, build in (("exp02_onpolicy", "exp02", fig_onpolicy),
+                             ("exp03_ema", "exp03", fig_ema),
                              ("exp04_coverage", "exp04", fig_coverage)):
         if key in only:
-            save_figure(out, name, build(data[key], world), note + "; Δ = final eval − step-0 eval, per seed")
+            save_figure(out, name, build(data[key], world),
+                        note + "; Δ = final eval − step-0 eval, per seed")
+            save_figure(out, f"{key}_failures", fig_failures(data[key]), failures, draw_stacked)
+    if "exp03" in only:
+        save_figure(out, "exp03_mechanism", fig_mechanism(data["exp03"], data["exp02"]),
+                    "shares per token type: of the tokens, of the gradient norm at the "
+                    "log-probs, of the teacher–student divergence (SDPO), per seed the mean over "
+                    "training steps; P(word) at the first choice on the probe prompts")
     if "controls" in only:
-        pts = fig_controls(data["exp01"], data["controls"], data["exp02"], world)
-        save_figure(out, "controls", pts, note + "; drop_hedge = base continued-pretrained without half the `maybe`s")
+        save_figure(out, "controls", fig_controls(data, world),
+                    note + "; <name> base = the shipped base continued-pretrained on control "
+                    "<name>'s corpus (toy_world.CONTROLS)")
+        if len(control_bases(data)) > 1:  # the shipped base alone is exp02_failures' sdpo_s
+            save_figure(out, "controls_failures", fig_failures(control_bases(data)), failures,
+                        draw_stacked)
 
 
 # ---------------------------------------------------------------------------------------------
 # Claims report: each row compares two per-seed quantities A → B; direction() judges B − A.
 # ---------------------------------------------------------------------------------------------
-def claim(name: str, compared: str, paper: str, a: dict, b: dict, expect: str) -> dict:
-    """One row; ours = A and B over the seeds both have, and Δ = B − A paired by seed."""
+def claim(name: str, compared: str, paper: str, a: dict, b: dict, expect: str,
+          failures: str = "—") -> dict:
+    """One row; ours = A and B over the seeds both have, and Δ = B − A paired by seed;
+    `failures`: the failure classes that grew most in the arms compared (failure_note)."""
     d = paired(a, b)
-    digits = 1 if max([abs(v) for v in (*a.values(), *b.values())] or [0]) >= 10 else 3  # one format per row
+    big = max([abs(v) for v in (*a.values(), *b.values())] or [0]) >= 10
+    digits = 1 if big else 3  # one format per row
     ab = " → ".join(mean_std([side[s] for s in d], digits=digits) for side in (a, b))
     ours = f"{ab} (Δ {mean_std(d, True, digits)}, n = {len(d)})" if d else "n/a"
-    return {"claim": name, "what is compared": compared, "paper": paper, "ours (mean ± std over seeds)": ours,
-            "expected sign of Δ": expect, "direction reproduces": direction(d, expect)}
+    return {"claim": name, "what is compared": compared, "paper": paper,
+            "ours (mean ± std over seeds)": ours, "expected sign of Δ": expect,
+            "direction reproduces": direction(d, expect),
+            "failure classes grown most (base → final)": failures}
 
 
 def change(key: str) -> str:
@@ -430,91 +633,218 @@ def change(key: str) -> str:
 
 def within(name: str, runs: dict, arm: str, key: str, paper: str, expect: str) -> dict:
     """A claim on one arm: `key` at the start → at the end of training."""
-    return claim(name, f"{key.removeprefix('eval/')}, {change(key)}, {arm}", paper, first(runs, key), last(runs, key),
-                 expect)
+    return claim(name, f"{key.removeprefix('eval/')}, {change(key)}, {arm}", paper,
+                 first(runs, key), last(runs, key), expect, failure_note({arm: runs}))
 
 
-def between(name: str, key: str, arms: tuple[str, str], runs: tuple[dict, dict], paper: str, expect: str) -> dict:
-    """A claim across two arms: the change of `key` over training (as in within()) in arm A → in arm B."""
-    return claim(name, f"Δ {key.removeprefix('eval/')} ({change(key)}), {arms[0]} → {arms[1]}", paper,
-                 delta(runs[0], key), delta(runs[1], key), expect)
+def between(name: str, key: str, arms: tuple[str, str], runs: tuple[dict, dict], paper: str,
+            expect: str) -> dict:
+    """A claim across two arms: the change of `key` over training (as in within()) in arm A →
+    in arm B."""
+    return claim(name, f"Δ {key.removeprefix('eval/')} ({change(key)}), {arms[0]} → {arms[1]}",
+                 paper, delta(runs[0], key), delta(runs[1], key), expect,
+                 failure_note(dict(zip(arms, runs))))
 
 
 def claims(data: dict, world: str) -> tuple[list[dict], list[dict]]:
-    """Rows C1–C5 (paper numbers from docs/PROTOCOL.md) and the rows of the toy-world controls."""
-    ex01, ex02, ex03, ex04, ctrl = (data[k] or {} for k in ("exp01", "exp02", "exp03", "exp04", "controls"))
+    """Rows C1–C5 (paper numbers from docs/PROTOCOL.md) and the rows of the toy-world controls
+    drop_hedge and budget forcing."""
+    ex01, ex02, ex03, ex04 = (data[k] or {} for k in EXPERIMENTS)
     t1 = lambda row, key: exp01_values(ex01, "table1", row, key)  # noqa: E731
     t2 = lambda row, key: exp01_values(ex01, "table2", row, key)  # noqa: E731
-    rows = [claim(f"C1 {name}", f"{key}, context {a} → {b} (Table 1)", paper, t1(a, key), t1(b, key), expect)
+    rows = [claim(f"C1 {name}", f"{key}, context {a} → {b} (Table 1)", paper, t1(a, key),
+                  t1(b, key), expect)
             for name, key, a, b, paper, expect in [
                 ("accuracy", "accuracy", "none", "s", "0.30 → 0.98", "> 0"),
                 ("length", "response_length", "none", "s", "13,054 → 1,873 tokens", "< 0"),
                 ("epistemic", "epistemic/total", "none", "s", "182.5 → 8.8 per response", "< 0"),
                 ("`wait`", "epistemic/wait", "none", "s", "83.8 → 3.0 per response", "< 0"),
                 ("s\\think weaker", "epistemic/total", "s", "s_nothink", "8.8 → 159.8", "> 0"),
-                ("regenerated", "epistemic/total", "none", "regenerated", "182.5 → 24.1", "< 0")]]
-    rows += [claim(f"C2 {name}", f"OOD accuracy, {a} → {b} (Table 2)", paper, t2(a, "eval/OOD accuracy"),
-                   t2(b, "eval/OOD accuracy"), expect) for name, a, b, paper, expect in [
+                ("regenerated", "epistemic/total", "none", "regenerated", "182.5 → 24.1",
+                 "< 0")]]
+    ood = "eval/OOD accuracy"
+    rows += [claim(f"C2 {name}", f"OOD accuracy, {a} → {b} (Table 2)", paper, t2(a, ood),
+                   t2(b, ood), expect) for name, a, b, paper, expect in [
                 ("D_sg degrades", "base", "D_sg", "AIME24 avg@16 54.79 → 20.21", "< 0"),
                 ("D_ug does not", "D_sg", "D_ug", "20.21 → 51.04 (base 54.79)", "> 0")]]
-    ref, ood = REF_SET[world], "eval/OOD accuracy"
+    ref, length = REF_SET[world], "train/response_length"
     wait, total = f"eval/{ref}/epistemic/wait", f"eval/{ref}/epistemic/total"
     sdpo, grpo, nothink = (ex02.get(arm, {}) for arm in ("sdpo_s", "grpo", "sdpo_s_nothink"))
     rows += [
         within("C3 epistemic", sdpo, "SDPO c=s", wait, "Δ`wait` −60.8", "< 0"),
-        between("C3 epistemic vs GRPO", wait, ("GRPO", "SDPO c=s"), (grpo, sdpo), "Δ`wait` +28.5 → −60.8", "< 0"),
-        within("C3 length", sdpo, "SDPO c=s", "train/response_length", "~13k → ~5k tokens", "< 0"),
-        within("C3 OOD accuracy", sdpo, "SDPO c=s", ood, "AIME24 −~40 %, AMC23 −~15 % (relative)", "< 0"),
-        within("C3 GRPO", grpo, "GRPO (keeps or improves)", ood, "AIME24 54.7 → 56.0, AMC23 89.3 → 91.1", "≥ 0"),
-        between("C3 s\\think weaker", total, ("SDPO c=s", "SDPO c=s\\think"), (sdpo, nothink), "weaker (no number)",
-                "> 0")]
-    taus = sorted((float(k.removeprefix("ema")), k) for k in ex03)  # the paper's tau = 0.05, else the smallest > 0
-    moving = next((k for t, k in taus if t == 0.05), next((k for t, k in taus if t > 0), "ema0.05"))
+        between("C3 epistemic vs GRPO", wait, ("GRPO", "SDPO c=s"), (grpo, sdpo),
+                "Δ`wait` +28.5 → −60.8", "< 0"),
+        within("C3 length", sdpo, "SDPO c=s", length, "~13k → ~5k tokens", "< 0"),
+        within("C3 OOD accuracy", sdpo, "SDPO c=s", ood,
+               "AIME24 −~40 %, AMC23 −~15 % (relative)", "< 0"),
+        within("C3 GRPO", grpo, "GRPO (keeps or improves)", ood,
+               "AIME24 54.7 → 56.0, AMC23 89.3 → 91.1", "≥ 0"),
+        between("C3 s\\think weaker", total, ("SDPO c=s", "SDPO c=s\\think"), (sdpo, nothink),
+                "weaker (no number)", "> 0")]
+    taus = sorted((float(k.removeprefix("ema")), k) for k in ex03)
+    moving = next((k for t, k in taus if t == 0.05),  # the paper's tau, else the smallest > 0
+                  next((k for t, k in taus if t > 0), "ema0.05"))
     pair, runs = ("ema0 (frozen)", moving), (ex03.get("ema0", {}), ex03.get(moving, {}))
-    rows += [between("C4 epistemic", total, pair, runs, "EMA amplifies the collapse (no number)", "< 0"),
-             between("C4 length", "train/response_length", pair, runs, "(no number)", "< 0"),
+    rows += [between("C4 epistemic", total, pair, runs, "EMA amplifies the collapse (no number)",
+                     "< 0"),
+             between("C4 length", length, pair, runs, "(no number)", "< 0"),
              between("C4 OOD accuracy", ood, pair, runs, "(no number)", "< 0")]
-    covs = sorted({k.split("/")[0] for k in ex04}, key=coverage_order) or ["narrowest", "broadest"]
+    covs = list(dict.fromkeys(k.split("/")[0] for k in ex04)) or ["narrowest", "broadest"]
     narrow, broad = ex04.get(f"{covs[0]}/sdpo_s", {}), ex04.get(f"{covs[-1]}/sdpo_s", {})
+    on_narrow, on_broad = f"SDPO c=s on {covs[0]}", f"SDPO c=s on {covs[-1]}"
     rows += [
-        within("C5 narrow: in-domain gain", narrow, f"SDPO c=s on {covs[0]}", "train/reward", "fast gains (1 question)",
-               "> 0"),
-        within("C5 narrow: short answers", narrow, f"SDPO c=s on {covs[0]}", "train/response_length", "short answers",
-               "< 0"),
-        within("C5 broad: OOD falls", broad, f"SDPO c=s on {covs[-1]}", ood, "OOD falls (broad coverage)", "< 0"),
-        between("C5 coverage decides", ood, (f"SDPO c=s on {covs[0]}", covs[-1]), (narrow, broad),
+        within("C5 narrow: in-domain gain", narrow, on_narrow, "train/reward",
+               "fast gains (1 question)", "> 0"),
+        within("C5 narrow: short answers", narrow, on_narrow, length, "short answers", "< 0"),
+        within("C5 broad: OOD falls", broad, on_broad, ood, "OOD falls (broad coverage)", "< 0"),
+        between("C5 coverage decides", ood, (on_narrow, covs[-1]), (narrow, broad),
                 "lower as coverage broadens", "< 0")]
     forced = [claim(f"budget forcing: {name}", f"{name} of SFT-D_sg, plain → with forced `wait`",
-                    "toy control: does the word alone help?", t2("D_sg", f"eval/{name}"), t2("D_sg", f"eval_forced/{name}"),
-                    "> 0")
+                    "toy control: does the word alone help?", t2("D_sg", f"eval/{name}"),
+                    t2("D_sg", f"eval_forced/{name}"), "> 0")
               for name in ACCURACY[world]]
-    drop = ctrl.get("sdpo_s", {})
-    return rows, [between("token vs behaviour", "eval/held-out accuracy", ("SDPO c=s from the shipped base",
-                          "from the drop_hedge base"), (sdpo, drop), "toy control: drop_hedge loses less", "> 0"),
-                  within("token vs behaviour: words", drop, "SDPO c=s on the drop_hedge base", total,
-                         "toy control: the words still fall", "< 0"), *forced]
+    drop = (data["drop_hedge"] or {}).get("sdpo_s", {})
+    return rows, [between("token vs behaviour", "eval/held-out accuracy",
+                          ("SDPO c=s from the shipped base", "from the drop_hedge base"),
+                          (sdpo, drop), "toy control: drop_hedge loses less", "> 0"),
+                  within("token vs behaviour: words", drop, "SDPO c=s on the drop_hedge base",
+                         total, "toy control: the words still fall", "< 0"), *forced]
+
+
+# ---------------------------------------------------------------------------------------------
+# The controls wrong_revised and filler, judged by the pre-stated CRITERIA. Δ = the change of the
+# OOD accuracy (final − step 0, mean over seeds) of SDPO c=s: Δ_ship from the shipped base
+# (exp02), Δ_ctrl from the control's own base.
+# ---------------------------------------------------------------------------------------------
+def construction_verdict(ship: dict[int, float], ctrl: dict[int, float]) -> str:
+    """wrong_revised: is the OOD fall built in by the corpus rule that a confident choice is
+    never revised? (per-seed Δ_ship, Δ_ctrl)"""
+    if not ship or not ctrl:
+        return "n/a"
+    fall, d = abs(stats(ship)[0]), stats(ctrl)[0]
+    if abs(d) <= CRITERIA["for_construction"] * fall:
+        return "for construction"
+    if abs(d) >= CRITERIA["against_construction"] * fall and all(v < 0 for v in ctrl.values()):
+        return "against construction"
+    return "inconclusive"
+
+
+def relative_fall(base: dict[int, float], final: dict[int, float]) -> dict[int, float]:
+    """Per seed, 1 − final / base (a seed whose base count is 0 is left out)."""
+    return {s: 1 - final[s] / base[s] for s in base if s in final and base[s] > 0}
+
+
+def removal_verdict(base: dict[int, float], final: dict[int, float]) -> str:
+    """filler: does SDPO remove the content-free word? (per-seed count at step 0 and final)"""
+    falls = relative_fall(base, final).values()
+    if not falls:
+        return "n/a"
+    if all(f >= CRITERIA["removed"] for f in falls):
+        return "removed"
+    return "kept" if np.mean(list(falls)) < CRITERIA["kept"] else "partly"
+
+
+def cost_verdict(ship: dict[int, float], ctrl: dict[int, float]) -> str:
+    """filler: does its base lose more OOD accuracy than the shipped one? (per-seed Δs)"""
+    if not ship or not ctrl:
+        return "n/a"
+    gap = stats(ctrl)[0] - stats(ship)[0]
+    if abs(gap) <= CRITERIA["cost"]:
+        return "no extra cost"
+    return "costs more" if gap < 0 else "costs less"
+
+
+def criteria_text() -> list[str]:
+    c, pct = CRITERIA, lambda x: f"{x:.0%}"  # noqa: E731
+    return [
+        "Criteria, fixed before the wrong_revised and filler runs (not tuned to the data). "
+        "Δ = OOD accuracy, final − step 0, mean over seeds, of SDPO c=s: Δ_ship from the shipped "
+        "base (exp02), Δ_ctrl from the control's own base.", "",
+        f"- **wrong_revised** (is the fall built in by the corpus rule that a confident choice is "
+        f"never revised?): *for construction* if |Δ_ctrl| ≤ {c['for_construction']}·|Δ_ship|; "
+        f"*against construction* if |Δ_ctrl| ≥ {c['against_construction']}·|Δ_ship| and "
+        "Δ_ctrl < 0 in every seed; otherwise *inconclusive*.",
+        f"- **filler, removal**: `{FILLER}` per response on in_domain falls (final vs step 0) by "
+        f"≥ {pct(c['removed'])} in every seed: *removed*; by < {pct(c['kept'])} in the mean over "
+        "seeds: *kept*; otherwise *partly*.",
+        f"- **filler, cost**: |Δ_ctrl − Δ_ship| ≤ {c['cost']}: *no extra cost*; Δ_ctrl < Δ_ship − "
+        f"{c['cost']}: *costs more*; otherwise *costs less*.", ""]
+
+
+def control_verdicts(data: dict, world: str) -> list[dict]:
+    """One row per pre-stated criterion: its verdict and the numbers it reads."""
+    ood, ref, ours = "eval/OOD accuracy", REF_SET[world], "ours (mean ± std over seeds)"
+    ship = delta((data["exp02"] or {}).get("sdpo_s", {}), ood)
+    wrong, filler = ((data[c] or {}).get("sdpo_s", {}) for c in ("wrong_revised", "filler"))
+    d_wrong, d_filler = delta(wrong, ood), delta(filler, ood)
+    words = f"eval/{ref}/words/{FILLER}"
+    base, final = first(filler, words), last(filler, words)
+    falls = [f"{f:.0%}" for f in relative_fall(base, final).values()]
+    gap = {s: v - stats(ship)[0] for s, v in d_filler.items()} if ship else {}  # Δ_ctrl − Δ_ship
+    rows = [
+        ("wrong_revised", "wrong_revised", construction_verdict(ship, d_wrong),
+         f"Δ_ship {mean_std(ship, True)}, Δ_ctrl {mean_std(d_wrong, True)} (n = {len(d_wrong)});"
+         f" Δ `maybe` per response on {ref} "
+         f"{mean_std(delta(wrong, f'eval/{ref}/epistemic/maybe'), True)}; grown most: "
+         f"{failure_note({'': wrong})}"),
+        ("filler", "filler: removal", removal_verdict(base, final),
+         f"`{FILLER}` per response on {ref} {mean_std(base)} → {mean_std(final)}; fall per seed: "
+         f"{', '.join(falls) or 'n/a'}"),
+        ("filler", "filler: cost", cost_verdict(ship, d_filler),
+         f"Δ_ship {mean_std(ship, True)}, Δ_ctrl {mean_std(d_filler, True)} (n = "
+         f"{len(d_filler)}); Δ_ctrl − Δ_ship {mean_std(gap, True)}; grown most: "
+         f"{failure_note({'': filler})}")]
+    return [{"control": name, "verdict": verdict if data[control] else "n/a",
+             ours: text if data[control] else "control missing (command below)"}
+            for control, name, verdict, text in rows]
+
+
+def failure_table(data: dict) -> list[dict]:
+    """Per experiment and arm: each class's share at step 0 → at the final evaluation on
+    FAILURE_SET (mean ± std over seeds) and the class that grew most."""
+    rows = []
+    for exp in (*EXPERIMENTS[1:], *CONTROLS):
+        for arm, runs in (data[exp] or {}).items():
+            keys = failure_keys(runs)
+            if keys:
+                row = {"experiment": RUN_DIRS.get(exp, exp), "arm": arm, "seeds": len(runs)}
+                row.update({cls: f"{mean_std(first(runs, key), digits=2)} → "
+                                 f"{mean_std(last(runs, key), digits=2)}"
+                            for cls, key in keys.items()})
+                rows.append(dict(row, **{"grown most": grew_most(runs, top=1)}))
+    return rows
 
 
 def markdown(rows: list[dict]) -> str:
-    cols = list(rows[0])
+    cols = list(dict.fromkeys(c for r in rows for c in r))
     cell = lambda v: str(v).replace("|", "\\|")  # noqa: E731
     return "\n".join(["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-                     + ["| " + " | ".join(cell(r[c]) for c in cols) + " |" for r in rows])
+                     + ["| " + " | ".join(cell(r.get(c, "")) for c in cols) + " |"
+                        for r in rows])
 
 
 def report(data: dict, world: str, results: Path) -> str:
     rows, controls = claims(data, world)
+    failures = failure_table(data)
     lines = ["# Claims report", "",
-             f"Computed by `python make_figures.py --results {results}` from the files under `{results}/` only. "
-             "Each row compares two per-seed quantities A → B; Δ = B − A, paired by seed.",
-             "Direction reproduces: **yes** = Δ has the paper's sign in every seed, **partly** = only the mean over "
-             "seeds has it, **no** = not even the mean, **n/a** = results missing. Values: mean ± population std over "
-             "seeds; accuracies are fractions (the paper's are %).", "", f"{world} world: {DEFINITIONS[world]}.", "",
-             markdown(rows), "", "## Controls (toy world)", ""]
-    if data["controls"] is None:
-        lines += [f"The token-vs-behaviour control is absent ({missing_message(results, 'controls')}).", ""]
-    lines += [markdown(controls), ""]
-    lines += [f"- missing: {missing_message(results, k)}" for k in NEEDS if k != "controls" and data[k] is None]
+             f"Computed by `python make_figures.py --results {results}` from the files under "
+             f"`{results}/` only. Each row compares two per-seed quantities A → B; Δ = B − A, "
+             "paired by seed.",
+             "Direction reproduces: **yes** = Δ has the paper's sign in every seed, **partly** = "
+             "only the mean over seeds has it, **no** = not even the mean, **n/a** = results "
+             "missing. Values: mean ± population std over seeds; accuracies are fractions (the "
+             "paper's are %). Failure classes grown most: the (at most two) failure classes whose "
+             f"share of the responses on {FAILURE_SET[world]} rose most from step 0 to the final "
+             "evaluation in the arms compared (mean over seeds).", "",
+             f"{world} world: {DEFINITIONS[world]}.", "", markdown(rows), ""]
+    if failures:
+        lines += [f"## Failure classes on {FAILURE_SET[world]} (step 0 → final evaluation)", "",
+                  markdown(failures), ""]
+    lines += ["## Controls (toy world)", "", *criteria_text(),
+              markdown(control_verdicts(data, world)), "", markdown(controls), ""]
+    lines += [f"- missing control {c}: {missing_message(results, c)}"
+              for c in CONTROLS if data[c] is None]
+    lines += [f"- missing: {missing_message(results, k)}" for k in EXPERIMENTS if data[k] is None]
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -529,10 +859,12 @@ def main(argv=None) -> int:
         unknown = [x for x in asked if x not in NEEDS]
         if unknown:
             raise ValueError(f"--only {','.join(unknown)}: choose from {','.join(NEEDS)}")
-        data = {name: load(results, name) for name in NEEDS}
-        if all(data[n] is None for n in ("exp01", "exp02", "exp03", "exp04")):
-            inside = sorted(p.name for p in results.iterdir() if p.is_dir() and any(p.glob("exp0*")))
-            hint = f" (it holds per-model trees: pass --results {results / inside[0]})" if inside else ""
+        data = {name: load(results, name) for name in (*EXPERIMENTS, *CONTROLS)}
+        if all(data[n] is None for n in EXPERIMENTS):
+            inside = sorted(p.name for p in results.iterdir()
+                            if p.is_dir() and any(p.glob("exp0*")))
+            hint = (f" (it holds per-model trees: pass --results {results / inside[0]})"
+                    if inside else "")
             raise MissingResults(f"{results} holds no finished experiment{hint}; e.g. run "
                                  f"`{commands(results)['exp02']}`")
         world = data_world(data)
@@ -542,12 +874,16 @@ def main(argv=None) -> int:
                 if data[need] is None:  # asked for by --only
                     raise MissingResults(missing_message(results, need))
             build_figures(only, data, world, results / "figures")
-            for name in ([] if asked else [f for f in NEEDS if f not in only]):
-                print(f"not plotted: {name}: {missing_message(results, NEEDS[name][0])}")
+            unplotted = [] if asked else [(f, NEEDS[f][0]) for f in NEEDS if f not in only]
+            if "controls" in only:
+                unplotted += [(f"control {c}", c) for c in CONTROLS if data[c] is None]
+            for name, need in unplotted:
+                print(f"not plotted: {name}: {missing_message(results, need)}")
         text = report(data, world, results)
         if not args.claims:
             (results / "claims.md").write_text(text)
-            print(f"wrote the {', '.join(only)} figures to {results / 'figures'} and {results / 'claims.md'}\n")
+            print(f"wrote the {', '.join(only)} figures to {results / 'figures'} and "
+                  f"{results / 'claims.md'}\n")
         print(text)
     except (MissingResults, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
