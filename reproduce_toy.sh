@@ -8,9 +8,19 @@
 #   PYTHON=.venv/bin/python bash reproduce_toy.sh   # the interpreter (default: `python`, e.g. an active venv)
 # Reduced sweeps, for the 2-core time budget (README "Toy-world results"): exp03 runs tau in
 # {0, 0.05, 0.2} (the script's default adds 0.01), exp04 coverages {1, 64, fresh} (default adds 8, 256).
+# Each command is a stage, announced as "[mm:ss] stage a: COMMAND" (time since the start) in its
+# lane's log and on the terminal; the logs hold the scripts' plain per-step lines (no bars there).
 set -euo pipefail
 cd "$(dirname "$0")"
-PY=${PYTHON:-python}
+exec 3>&1  # where this script was started (the terminal): the lanes' stage lines go there too
+stage() {  # stage NAME...: "[mm:ss] stage: NAME" (time since the start) in the log and the terminal
+  local line
+  line=$(printf '[%02d:%02d] stage%s: %s' $((SECONDS / 60)) $((SECONDS % 60)) "${LANE:+ $LANE}" "$*")
+  echo "$line"
+  [ /dev/fd/1 -ef /dev/fd/3 ] || echo "$line" >&3
+}
+py() { stage "$*"; "${PYTHON:-python}" "$@"; }  # every command below is a stage
+PY=py
 RUN="--threads 1 --resume"
 SEEDS=0,1,2
 DH=results/controls/drop_hedge
@@ -50,8 +60,8 @@ case "${1:-all}" in
   b) lane_b ;;
   final) final ;;
   all) start=$SECONDS
-       lane_a > results/logs/lane_a.log 2>&1 & a=$!
-       lane_b > results/logs/lane_b.log 2>&1 & b=$!
+       LANE=a lane_a > results/logs/lane_a.log 2>&1 & a=$!
+       LANE=b lane_b > results/logs/lane_b.log 2>&1 & b=$!
        wait $a; wait $b
        final
        echo "reproduce_toy.sh: $((SECONDS - start)) s" ;;
