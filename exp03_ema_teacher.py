@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import common
-from infra import run_dirs
+from infra import progress, run_dirs
 import exp02_onpolicy_grpo_sdpo as exp02
 from infra.settings import arg, cli, parse_settings
 
@@ -55,7 +55,8 @@ def main(argv=None) -> list[dict]:
             for seed in seeds for tau in rates]
     for run in runs:  # every run directory checked before the first model loads
         exp02.plan_arm(*run)
-    finals = [dict(exp02.train_arm(*run), arm=run_name(run[0].ema_rate)) for run in runs]
+    finals = [dict(exp02.train_arm(*run), arm=run_name(run[0].ema_rate))
+              for run in progress.bar(runs, "exp03 runs")]
     common.write_json_atomic(f"{s.out_dir}/summary.json", exp02.summarize(finals))
     exp02.print_summary(finals, s.out_dir, exp02.pick_world(s.model))
     return finals
