@@ -53,7 +53,8 @@ import common
 from infra import parallel, progress, run_dirs, tables
 from infra.loss_head import lm_step
 from infra.rollout import Sample, make_generator
-from infra.settings import Interrupted, arg, cli, parse_settings, progress, world_defaults
+from infra.settings import Interrupted, arg, cli, parse_settings, world_defaults
+from infra.settings import progress as run_state  # where a run directory stands
 
 
 @dataclass
@@ -315,7 +316,7 @@ def run_seed(s: Settings) -> dict:
     run = run_dirs.start_run(Path(s.out_dir) / f"seed{s.seed}", s, overwrite=s.overwrite, resume=s.resume,
                            sweep_only=Settings.SWEEP_ONLY)
     if state == "continue":
-        print(f"{run}: resumed, {progress(run)} (skipped)", flush=True)
+        print(f"{run}: resumed, {run_state(run)} (skipped)", flush=True)
     try:
         return _run_seed(s, world, run, base, tokenizer, preset, sets, pool, device)
     except KeyboardInterrupt:
