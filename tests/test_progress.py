@@ -158,6 +158,16 @@ def test_recheck_of_an_exp04_run_draws_its_coverage_set_again(tmp_path):
     assert proc.returncode == 0 and "with exp04_coverage.py" in proc.stdout, proc.stdout[-3000:]
 
 
+def test_recheck_of_an_exp01_run_goes_through_run_seed(tmp_path):
+    needs_toy_model()
+    made = run_script("exp01_offpolicy.py", ["--max-questions", "4", "--max-candidates", "16", "--samples", "2",
+                                             "--band-high", "2", "--eval-n", "8", "--sft-epochs", "1",
+                                             "--sft-batch-size", "2", "--threads", "1", "--out-dir", str(tmp_path)])
+    assert made.returncode == 0, made.stderr[-2000:]
+    proc = run_script("recheck.py", [str(tmp_path / "seed0")])
+    assert proc.returncode == 0 and f"{tmp_path / 'seed0'}: identical" in proc.stdout, proc.stdout[-3000:]
+
+
 def test_differences_leave_time_and_sweep_settings_aside():
     old = {"final": {"train/reward": 0.5, "time/step_s": 1.0, "x": float("nan")}, "train_time_s": 3.0,
            "settings": {"out_dir": "a", "steps": 2}}
