@@ -1,6 +1,7 @@
 """Progress you can see, exact regeneration: bars on a terminal and plain lines in a log
 (infra/progress.py), --wandb mirroring metrics.jsonl (infra/tracking.py, with a fake `wandb`
-module: the real one is not a dependency), and recheck.py re-running a run to the same final.json."""
+module: the real one is not a dependency), and recheck.py re-running a run to the same
+final.json."""
 import io
 import json
 import subprocess
@@ -19,8 +20,9 @@ from infra import parallel, progress, run_dirs
 from infra.hub import SetupError
 
 ROOT = Path(__file__).resolve().parents[1]
-TOY = ["--method", "grpo", "--steps", "2", "--eval-n", "8", "--prompts-per-step", "4", "--rollouts", "4",
-       "--threads", "1"]
+TOY = ["--method", "grpo", "--steps", "2", "--eval-n", "8", "--prompts-per-step", "4",
+       "--rollouts", "4", "--threads", "1"]
+ARMS = ("grpo", "sdpo_s", "sdpo_s_nothink")
 
 
 class Terminal(io.StringIO):
@@ -79,15 +81,17 @@ def test_wandb_mirrors_every_metrics_row_of_every_arm(tmp_path, monkeypatch):
     needs_toy_model()
     fake = FakeWandb()
     monkeypatch.setitem(sys.modules, "wandb", fake)
-    e2.main(TOY + ["--method", "all", "--wandb", "proj", "--out-dir", str(tmp_path), "--steps", "1"])
+    e2.main(TOY + ["--method", "all", "--wandb", "proj", "--out-dir", str(tmp_path),
+                   "--steps", "1"])
     inits = [c[1] for c in fake.calls if c[0] == "init"]
-    assert [i["name"] for i in inits] == [str(tmp_path / a / "seed0") for a in ("grpo", "sdpo_s", "sdpo_s_nothink")]
+    assert [i["name"] for i in inits] == [str(tmp_path / a / "seed0") for a in ARMS]
     assert all(i["project"] == "proj" and i["config"]["steps"] == 1 for i in inits)
     assert inits[1]["config"]["method"] == "sdpo"
-    for arm, begin in zip(("grpo", "sdpo_s", "sdpo_s_nothink"), [i for i, c in enumerate(fake.calls) if c[0] == "init"]):
-        logged = [c for c in fake.calls[begin + 1:begin + 4]]
+    begins = [i for i, c in enumerate(fake.calls) if c[0] == "init"]
+    for arm, begin in zip(ARMS, begins):
+        logged = fake.calls[begin + 1:begin + 4]  # steps 0 and 1, then finish
         rows = common.read_metrics(tmp_path / arm / "seed0")
-        assert logged[:-1] == [("log", r["step"], {k: v for k, v in r.items() if k != "step"}) for r in rows]
+        assert logged[:-1] == [("log", r.pop("step"), r) for r in rows]
         assert logged[-1] == ("finish",)  # each arm its own W&B run
     final = json.loads((tmp_path / "grpo" / "seed0" / "final.json").read_text())
     assert final["settings"]["wandb"] == "proj"  # recorded; --resume ignores it (SWEEP_ONLY)
@@ -101,10 +105,13 @@ def test_missing_wandb_is_refused_naming_pip_install_before_any_model_loads(tmp_
         e2.main(["--model", "qwen3-8b", "--wandb", "proj", "--out-dir", str(tmp_path / "o")])
     assert loads == [] and not (tmp_path / "o").exists()
     script = str(ROOT / "exp03_ema_teacher.py")  # the command line, with wandb made unimportable
-    code = (f"import runpy, sys; sys.modules['wandb'] = None; sys.argv = [{script!r}, '--wandb', 'proj', "
-            f"'--out-dir', {str(tmp_path / 'o3')!r}]; runpy.run_path({script!r}, run_name='__main__')")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert proc.returncode == 2 and "pip install wandb" in proc.stderr and "Traceback" not in proc.stderr
+    argv = [script, "--wandb", "proj", "--out-dir", str(tmp_path / "o3")]
+    code = (f"import runpy, sys; sys.modules['wandb'] = None; sys.argv = {argv!r}; "
+            f"runpy.run_path({script!r}, run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+    assert proc.returncode == 2 and "pip install wandb" in proc.stderr
+    assert "Traceback" not in proc.stderr
     assert not (tmp_path / "o3").exists()
 
 
@@ -122,8 +129,8 @@ def test_exp03_and_exp04_inherit_wandb_and_resume_ignores_it(tmp_path):
 # ---- recheck.py ----
 
 def run_script(script, args, timeout=600):
-    return subprocess.run([sys.executable, str(ROOT / script)] + args, capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT)
+    return subprocess.run([sys.executable, str(ROOT / script)] + args, capture_output=True,
+                          text=True, timeout=timeout, cwd=ROOT)
 
 
 def test_recheck_of_a_run_is_identical_and_names_an_edited_metric(tmp_path):
@@ -132,7 +139,8 @@ def test_recheck_of_a_run_is_identical_and_names_an_edited_metric(tmp_path):
     assert made.returncode == 0, made.stderr[-2000:]
     run = tmp_path / "grpo" / "seed0"
     same = run_script("recheck.py", [str(run)])
-    assert same.returncode == 0 and f"{run}: identical" in same.stdout, same.stdout[-2000:] + same.stderr[-2000:]
+    assert same.returncode == 0, same.stdout[-2000:] + same.stderr[-2000:]
+    assert f"{run}: identical" in same.stdout
     final = json.loads((run / "final.json").read_text())
     final["final"]["time/step_s"] = 1e9  # time fields aside
     final["final"]["train/reward"] += 0.25
@@ -160,18 +168,21 @@ def test_recheck_of_an_exp04_run_draws_its_coverage_set_again(tmp_path):
 
 def test_recheck_of_an_exp01_run_goes_through_run_seed(tmp_path):
     needs_toy_model()
-    made = run_script("exp01_offpolicy.py", ["--max-questions", "4", "--max-candidates", "16", "--samples", "2",
-                                             "--band-high", "2", "--eval-n", "8", "--sft-epochs", "1",
-                                             "--sft-batch-size", "2", "--threads", "1", "--out-dir", str(tmp_path)])
+    made = run_script("exp01_offpolicy.py", [
+        "--max-questions", "4", "--max-candidates", "16", "--samples", "2", "--band-high", "2",
+        "--eval-n", "8", "--sft-epochs", "1", "--sft-batch-size", "2", "--threads", "1",
+        "--out-dir", str(tmp_path)])
     assert made.returncode == 0, made.stderr[-2000:]
     proc = run_script("recheck.py", [str(tmp_path / "seed0")])
-    assert proc.returncode == 0 and f"{tmp_path / 'seed0'}: identical" in proc.stdout, proc.stdout[-3000:]
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert f"{tmp_path / 'seed0'}: identical" in proc.stdout
 
 
 def test_differences_leave_time_and_sweep_settings_aside():
-    old = {"final": {"train/reward": 0.5, "time/step_s": 1.0, "x": float("nan")}, "train_time_s": 3.0,
+    nan = float("nan")
+    old = {"final": {"train/reward": 0.5, "time/step_s": 1.0, "x": nan}, "train_time_s": 3.0,
            "settings": {"out_dir": "a", "steps": 2}}
-    new = {"final": {"train/reward": 0.5, "time/step_s": 2.0, "x": float("nan")}, "train_time_s": 4.0,
+    new = {"final": {"train/reward": 0.5, "time/step_s": 2.0, "x": nan}, "train_time_s": 4.0,
            "settings": {"out_dir": "b", "steps": 2}}
     assert recheck.differences(old, new, e2.Settings.SWEEP_ONLY) == (3, [])
     new["settings"]["steps"], new["final"]["y"] = 3, 1
