@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from infra import progress
 from infra.hub import SetupError, hub_offline, hub_unreachable, offline_message
 
 ROOT = Path(__file__).resolve().parent
@@ -330,7 +331,7 @@ def evaluate_sets(generator, tokenizer, preset: dict, sets: dict, sampling: tupl
     """common.evaluate on every set -> (flat metrics `<prefix>/<set>/<metric>`, the first 50
     samples of each set); `sampling` = the world's (k, temperature, top_p, max_tokens)."""
     metrics, samples = {}, {}
-    for name, problems in sets.items():
+    for name, problems in progress.bar(sets.items(), prefix, len(sets)):
         m, rows = evaluate(generator, tokenizer, preset, problems, *sampling, seed, grade=grade,
                            world=world)
         metrics.update({f"{prefix}/{name}/{key}": v for key, v in m.items()})

@@ -50,10 +50,11 @@ import numpy as np
 import torch
 
 import common
-from infra import parallel, run_dirs, tables
+from infra import parallel, progress, run_dirs, tables
 from infra.loss_head import lm_step
 from infra.rollout import Sample, make_generator
-from infra.settings import Interrupted, arg, cli, parse_settings, progress, world_defaults
+from infra.settings import Interrupted, arg, cli, parse_settings, world_defaults
+from infra.settings import progress as run_state  # where a run directory stands
 
 
 @dataclass
@@ -207,9 +208,11 @@ def sft(base, tokenizer, data: list[tuple[list[int], list[int]]], steps: int, s:
     opt = torch.optim.AdamW(model.parameters(), lr=s.sft_lr, betas=(0.9, 0.999), weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / s.sft_warmup))
     losses, tokens = [], 0
-    for step in range(1, steps + 1):
+    bar = progress.bar(range(1, steps + 1), "SFT")
+    for step in bar:
         batch = [data[i] for i in common.batch_indices(len(data), s.sft_batch_size, step, s.seed)]
         losses.append(lm_step(model, opt, batch, tokenizer.pad_token_id))
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)  # on a terminal only
         tokens += sum(len(r) for _, r in batch)
         sched.step()
     return model.eval(), losses, tokens
@@ -313,7 +316,7 @@ def run_seed(s: Settings) -> dict:
     run = run_dirs.start_run(Path(s.out_dir) / f"seed{s.seed}", s, overwrite=s.overwrite, resume=s.resume,
                            sweep_only=Settings.SWEEP_ONLY)
     if state == "continue":
-        print(f"{run}: resumed, {progress(run)} (skipped)", flush=True)
+        print(f"{run}: resumed, {run_state(run)} (skipped)", flush=True)
     try:
         return _run_seed(s, world, run, base, tokenizer, preset, sets, pool, device)
     except KeyboardInterrupt:
@@ -421,7 +424,7 @@ def main(argv=None) -> dict:
     seeds = [int(x) for x in s.seeds.split(",")] if s.seeds else [s.seed]
     for seed in seeds:  # every run directory checked before the first model loads
         plan_seed(replace(s, seed=seed))
-    finals = [run_seed(replace(s, seed=seed)) for seed in seeds]
+    finals = [run_seed(replace(s, seed=seed)) for seed in progress.bar(seeds, "exp01 seeds")]
     summary = summarize(finals)
     common.write_json_atomic(Path(s.out_dir) / "summary.json", summary)
     print_summary(finals, s.out_dir, pick_world(s.model))

@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 import common
-from infra import checkpoints, parallel, run_dirs, tables
+from infra import checkpoints, parallel, progress, run_dirs, tables, tracking
 from infra.loss_head import pack_sequences, pad_rows, to_padded, token_stats
 from infra.rollout import Sample, check_backend, make_generator
 from infra.settings import Interrupted, arg, cli, parse_settings, world_defaults
@@ -102,8 +102,9 @@ class Settings:
     checkpoint_every: int = arg(10, "steps between checkpoints (all a resume needs); 0 = none")
     keep_checkpoints: int = arg(1, "newest checkpoints kept on disk")
     resume: bool = arg(False, "continue from the newest checkpoint (a finished run: reused)")
+    wandb: str = arg("", "W&B project mirroring metrics.jsonl (pip install wandb; optional)")
 
-    SWEEP_ONLY: ClassVar[tuple] = ("seeds", "resume", "overwrite", "out_dir")  # --resume: ignored
+    SWEEP_ONLY: ClassVar[tuple] = ("seeds", "resume", "overwrite", "out_dir", "wandb")  # ignored
 
 
 ARMS = [("grpo", "s"), ("sdpo", "s"), ("sdpo", "s_nothink")]
@@ -455,6 +456,7 @@ def plan_arm(s: Settings, run_dir: str) -> tuple[Settings, str]:
     sdpo) and its run directory -> (settings, "new" | "continue" | "finished")."""
     parallel.init_distributed(s.device or common.default_device())
     check_backend(s.backend, s.temperature, s.top_p)  # before the model name is even looked up
+    tracking.check(s.wandb)
     s = resolve(s, pick_world(s.model))
     return s, parallel.main_only(run_dirs.check_run, run_dir, s, s.overwrite, s.resume,
                                  type(s).SWEEP_ONLY)
@@ -493,7 +495,7 @@ def train_arm(s: Settings, run_dir: str, sample_batch=None) -> dict:
 
 def train(s: Settings, world, run, preset, student, tokenizer, sample_batch, sets, device) -> dict:
     """The loop: rollouts -> rewards -> teacher context -> update -> push -> evaluate -> log."""
-    main, cuda, sdpo = parallel.is_main(), device.startswith("cuda"), s.method == "sdpo"
+    cuda, sdpo = device.startswith("cuda"), s.method == "sdpo"
     sharded = parallel.world_size() > 1
     if world.ACTIVATION_CHECKPOINTING:  # recompute each layer in backward (20k-token sequences)
         student.gradient_checkpointing_enable({"use_reentrant": False})
@@ -516,16 +518,16 @@ def train(s: Settings, world, run, preset, student, tokenizer, sample_batch, set
     done = 0  # the last step done: a resume continues after its checkpoint
     if s.resume:
         done = checkpoints.load_state(run, student, opt, sched, teacher, teacher_fp32)
+    metrics = tracking.Metrics(run, s.wandb, asdict(s))  # metrics.jsonl (rank 0); W&B: --wandb
     if done:
         generator.load_weights(parallel.full_weights(student, generator.weight_dtype))  # was base
-        if main:
-            print(f"[{arm_name(s)} seed {s.seed}] resumed from step {done} ({run})", flush=True)
+        progress.say(f"[{arm_name(s)} seed {s.seed}] resumed from step {done} ({run})")
     else:
-        base = evaluate(s, world, preset, student, tokenizer, evaluator, sets, run, teacher)
-        if main:
-            common.log_metrics(run, 0, base)
+        metrics.log(0, evaluate(s, world, preset, student, tokenizer, evaluator, sets, run,
+                                teacher))
     t0 = time.time()
-    for step in range(done + 1, s.steps + 1):
+    steps = progress.bar(range(done + 1, s.steps + 1), arm_name(s), s.steps, initial=done)
+    for step in steps:
         batch = sample_batch(step)  # the same B prompts on every rank; each takes its share
         batch = [batch[i] for i in parallel.rank_share(len(batch), s.mini_batches)]
         rollouts = rollout(s, world, preset, tokenizer, generator, batch, step)  # rollouts, rewards
@@ -544,16 +546,15 @@ def train(s: Settings, world, run, preset, student, tokenizer, sample_batch, set
         if step % s.eval_every == 0 or step == s.steps:
             row.update(evaluate(s, world, preset, student, tokenizer, evaluator, sets, run,
                                 teacher, full=step == s.steps))
-        if main:
-            common.log_metrics(run, step, dict(row, **{"time/step_s": time.time() - t0}))
+        metrics.log(step, dict(row, **{"time/step_s": time.time() - t0}))
         t0 = time.time()
         if s.checkpoint_every and (step % s.checkpoint_every == 0 or step == s.steps):
             checkpoints.save_state(run, step, student, opt, sched, teacher_fp32, s.keep_checkpoints)
-        if main:
-            print(f"[{arm_name(s)} seed {s.seed}] step {step} reward {row['train/reward']:.3f} "
-                  f"len {row['train/response_length']:.1f} "
-                  f"doubt {row['train/epistemic/total']:.2f} "
-                  f"loss {row['train/loss']:+.2e}", flush=True)  # GRPO: ~0 on-policy (README)
+        progress.report(  # a bar's postfix on a terminal, else this line
+            steps, f"[{arm_name(s)} seed {s.seed}] step {step}",
+            reward=f"{row['train/reward']:.3f}", len=f"{row['train/response_length']:.1f}",
+            doubt=f"{row['train/epistemic/total']:.2f}", loss=f"{row['train/loss']:+.2e}")
+    metrics.finish()
     return parallel.main_only(finish, run, s)
 
 
@@ -637,7 +638,7 @@ def main(argv=None) -> list[dict]:
         raise ValueError(f"--method {s.method!r}: use grpo, sdpo or all")
     arms = ARMS if s.method == "all" else [(s.method, s.teacher_context)]
     seeds = [int(x) for x in s.seeds.split(",")] if s.seeds else [s.seed]
-    finals = [train_arm(*run) for run in arm_runs(s, arms, seeds)]
+    finals = [train_arm(*run) for run in progress.bar(arm_runs(s, arms, seeds), "exp02 runs")]
     if parallel.is_main():
         common.write_json_atomic(f"{s.out_dir}/summary.json", summarize(finals))
         print_summary(finals, s.out_dir, pick_world(s.model), ARM_LABELS)

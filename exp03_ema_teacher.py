@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import common
-from infra import run_dirs
+from infra import progress, run_dirs
 import exp02_onpolicy_grpo_sdpo as exp02
 from infra.settings import arg, cli, parse_settings
 
@@ -86,7 +86,7 @@ def main(argv=None) -> list[dict]:
         if d not in copied:
             exp02.plan_arm(a, d)
     finals = [dict(run_dirs.read_final(d) if d in copied else exp02.train_arm(a, d),
-                   arm=run_name(a.ema_rate)) for a, d in runs]
+                   arm=run_name(a.ema_rate)) for a, d in progress.bar(runs, "exp03 runs")]
     common.write_json_atomic(f"{s.out_dir}/summary.json", exp02.summarize(finals))
     exp02.print_summary(finals, s.out_dir, exp02.pick_world(s.model))
     return finals

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import common
-from infra import run_dirs
+from infra import progress, run_dirs
 import exp02_onpolicy_grpo_sdpo as exp02
 from infra.settings import arg, cli, parse_settings
 
@@ -83,6 +83,16 @@ def batches(world, problems: list[dict] | None, batch: int, seed: int):
     return lambda step: [problems[i] for i in common.batch_indices(len(problems), batch, step, seed)]
 
 
+def train_coverage(arm: Settings, run_dir: str, name: str, sets: dict | None = None) -> dict:
+    """One (coverage, arm, seed) run -> its final.json contents, with `arm` and `coverage` added.
+    `sets`: the seed's training_sets (drawn here when not given: recheck.py re-runs one run)."""
+    world = exp02.pick_world(arm.model)
+    problems = (sets or training_sets(arm, world))[name]
+    batch = exp02.resolve(arm, world).prompts_per_step
+    final = exp02.train_arm(arm, run_dir, sample_batch=batches(world, problems, batch, arm.seed))
+    return dict(final, arm=f"{name}/{exp02.arm_name(arm)}", coverage=name)
+
+
 def main(argv=None) -> list[dict]:
     s = parse_settings(Settings, argv)
     s = replace(s, out_dir=run_dirs.default_out_dir(s.out_dir, s.model))
@@ -99,11 +109,9 @@ def main(argv=None) -> list[dict]:
     runs = [(a, f"{s.out_dir}/{name}/{exp02.arm_name(a)}/seed{a.seed}", name) for a, name in runs]
     for arm, run_dir, _ in runs:  # every run directory checked before any data or model loads
         exp02.plan_arm(arm, run_dir)
-    batch = exp02.resolve(runs[0][0], world).prompts_per_step
     sets = {seed: training_sets(replace(s, seed=seed), world) for seed in seeds}
-    finals = [dict(exp02.train_arm(arm, run_dir, sample_batch=batches(world, sets[arm.seed][name], batch,
-                                                                       arm.seed)),
-                   arm=f"{name}/{exp02.arm_name(arm)}", coverage=name) for arm, run_dir, name in runs]
+    finals = [train_coverage(arm, run_dir, name, sets[arm.seed])
+              for arm, run_dir, name in progress.bar(runs, "exp04 runs")]
     common.write_json_atomic(f"{s.out_dir}/summary.json", exp02.summarize(finals))
     exp02.print_summary(finals, s.out_dir, world)
     return finals

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 import torch
 
 import common
-from infra import loss_head, parallel, rollout, tables
+from infra import loss_head, parallel, progress, rollout, tables
 from infra.settings import arg, cli, parse_settings
 
 LABELS = [f"n{i}" for i in range(48)]
@@ -403,14 +403,15 @@ def pretrain(s: PretrainSettings) -> None:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / s.warmup) * (
         0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, k / s.steps)))))
     t0 = time.time()
-    for step in range(1, s.steps + 1):
+    steps = progress.bar(range(1, s.steps + 1), "pretrain")
+    for step in steps:
         loss = loss_head.lm_step(model, opt, corpus_batch(rng, tokenizer, s, s.batch_size), tokenizer.pad_token_id)
         sched.step()
         if step % 50 == 0:
-            print(f"step {step} loss {loss:.4f} {time.time() - t0:.0f}s", flush=True)
+            progress.report(steps, f"step {step}", loss=f"{loss:.4f}", elapsed=f"{time.time() - t0:.0f}s")
         if step % s.eval_every == 0 or step == s.steps:
             acc = {c: evaluate_cell(model, tokenizer, c, "none", n=64)["accuracy"] for c in EVAL_CELLS}
-            print(f"step {step} greedy accuracy {acc}", flush=True)
+            progress.say(f"step {step} greedy accuracy {acc}")
     model.save_pretrained(s.out_dir)
     tokenizer.save_pretrained(s.out_dir)
     print(f"saved {s.out_dir} after {time.time() - t0:.0f}s")

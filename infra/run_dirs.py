@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from common import PRESETS, ROOT, write_json_atomic
+from infra import progress
 
 
 def environment_info() -> dict:
@@ -47,6 +48,13 @@ def environment_info() -> dict:
             for p in ("torch", "transformers", "datasets", "numpy", "math-verify", "vllm")
         },
     }
+
+
+def script_of(settings) -> str:
+    """The file of the script whose settings class this is (recheck.py re-runs the run with it);
+    None where the class was defined interactively."""
+    file = getattr(sys.modules.get(type(settings).__module__), "__file__", None)
+    return Path(file).name if file else None
 
 
 def model_slug(name: str) -> str:
@@ -98,7 +106,7 @@ def check_run(out_dir: str | Path, settings, overwrite: bool = False, resume: bo
 
 def start_run(out_dir: str | Path, settings, overwrite: bool = False, resume: bool = False,
               sweep_only: tuple = ()) -> Path:
-    """Create a run directory and write config.json (all settings, seed, commit, versions), after
+    """Create a run directory and write config.json (settings, script, commit, versions), after
     `check_run`: a run to continue is returned as it is; --overwrite clears the old run's files."""
     run = Path(out_dir)
     state = check_run(run, settings, overwrite, resume, sweep_only)
@@ -112,12 +120,14 @@ def start_run(out_dir: str | Path, settings, overwrite: bool = False, resume: bo
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     run.mkdir(parents=True, exist_ok=True)
     write_json_atomic(
-        run / "config.json", {"settings": dataclasses.asdict(settings), **environment_info()}
+        run / "config.json",
+        {"settings": dataclasses.asdict(settings), "script": script_of(settings),
+         **environment_info()},
     )
     return run
 
 
 def read_final(out_dir: str | Path) -> dict:
     """The final.json of a finished run that --resume reuses (checked by check_run)."""
-    print(f"{out_dir}: finished earlier with the same settings, reused (--resume)", flush=True)
+    progress.say(f"{out_dir}: finished earlier with the same settings, reused (--resume)")
     return json.loads((Path(out_dir) / "final.json").read_text())

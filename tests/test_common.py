@@ -171,7 +171,7 @@ def test_next_token_prob_reads_the_last_real_position_of_each_row():
     tok = tw.build_tokenizer()
     preset = common.resolve_preset("toy")
     maybe, wait = tok.convert_tokens_to_ids("maybe"), tok.convert_tokens_to_ids("wait")
-    short, long_ = tok.convert_tokens_to_ids("n1"), tok.convert_tokens_to_ids("n2")
+    short = tok.convert_tokens_to_ids("n1")
 
     class Fixed(torch.nn.Module):
         def __init__(self):
