@@ -22,7 +22,8 @@ Where we depart from the release (also in the README):
     of samples with a demonstration are logged every step (the release logs none of them).
  5. Toy world: its own defaults (lr 2e-4 for every arm — one lr, not the paper's 10x gap between
     GRPO and SDPO —, 16 prompts per step, 60 steps, full-vocabulary divergence since the
-    vocabulary has 79 tokens) and greedy evaluation on held-out and OOD cells.
+    vocabulary has 79 tokens) and greedy evaluation on held-out and OOD cells every 5 steps
+    (the first 50 graphs per cell; all 200 at step 0 and at the end).
  6. Scale-up (README "Scaling up", code in infra/): `torchrun` shards student and teacher
     (FSDP2), each rank taking its share of every mini-batch; `--backend vllm` samples from a
     colocated engine that sleeps during the update and takes the new weights after it (rollout
