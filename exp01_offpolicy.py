@@ -107,7 +107,8 @@ CONTEXTS = ("none", "s", "s_nothink", "regenerated")
 # ---------------------------------------------------------------------------------------------
 # Teacher contexts and the two SFT sets
 # ---------------------------------------------------------------------------------------------
-def context_message(question: str, context: str, solution: str | None, think_in_prompt: bool) -> str | None:
+def context_message(question: str, context: str, solution: str | None,
+                    think_in_prompt: bool) -> str | None:
     """The user message of one context: the bare question (none), or the release's hint format with
     the solution (s, regenerated) or the solution without its thinking (s_nothink). None when the
     context has no solution for this question."""
@@ -129,15 +130,17 @@ class BudgetForcing:
         self.word_ids = tokenizer(word, add_special_tokens=False).input_ids
 
     def generate(self, prompts, n=1, temperature=1.0, top_p=1.0, top_k=0, max_tokens=256, seed=0):
-        groups = self.inner.generate(prompts, n=n, temperature=temperature, top_p=top_p, top_k=top_k,
-                                     max_tokens=max_tokens, seed=seed)
+        groups = self.inner.generate(prompts, n=n, temperature=temperature, top_p=top_p,
+                                     top_k=top_k, max_tokens=max_tokens, seed=seed)
         todo = [(g, j, x.token_ids[:x.token_ids.index(self.close_id)] + self.word_ids)
-                for g, group in enumerate(groups) for j, x in enumerate(group) if self.close_id in x.token_ids]
+                for g, group in enumerate(groups) for j, x in enumerate(group)
+                if self.close_id in x.token_ids]
         todo = [(g, j, prefix) for g, j, prefix in todo if len(prefix) < max_tokens]
         if not todo:
             return groups
-        more = self.inner.generate([prompts[g] + prefix for g, _, prefix in todo], n=1, temperature=temperature,
-                                   top_p=top_p, top_k=top_k, max_tokens=max_tokens, seed=seed + 1)
+        more = self.inner.generate([prompts[g] + prefix for g, _, prefix in todo], n=1,
+                                   temperature=temperature, top_p=top_p, top_k=top_k,
+                                   max_tokens=max_tokens, seed=seed + 1)
         for (g, j, prefix), [cont] in zip(todo, more):
             ids = (prefix + cont.token_ids)[:max_tokens]
             stop = cont.finish_reason == "stop" and len(prefix) + len(cont.token_ids) <= max_tokens
@@ -159,7 +162,8 @@ def stage(run: Path, name: str, fn):
     return out
 
 
-def sample_and_grade(world, generator, tokenizer, preset, messages: list[str], golds: list[str], s: Settings, seed: int):
+def sample_and_grade(world, generator, tokenizer, preset, messages: list[str], golds: list[str],
+                     s: Settings, seed: int):
     """`samples` responses per message -> [{"ids", "text", "finish", "correct"}] per message."""
     prompts = [common.prompt_ids(tokenizer, m, preset["thinking"]) for m in messages]
     groups = generator.generate(prompts, n=s.samples, temperature=s.temperature, top_p=s.top_p,
@@ -177,16 +181,18 @@ def select_questions(world, generator, tokenizer, preset, pool: list[dict], s: S
     kept, tried, timeouts, chunk = [], 0, 0, 64
     for start in range(0, min(len(pool), s.max_candidates), chunk):
         batch = pool[start:min(start + chunk, s.max_candidates)]
-        groups, report = sample_and_grade(world, generator, tokenizer, preset, [p["prompt"] for p in batch],
-                                          [p["gold"] for p in batch], s, seed=s.seed * 7919 + start)
+        groups, report = sample_and_grade(world, generator, tokenizer, preset,
+                                          [p["prompt"] for p in batch], [p["gold"] for p in batch],
+                                          s, seed=s.seed * 7919 + start)
         tried, timeouts = tried + len(batch), timeouts + report.timeouts + report.errors
         kept += [dict(p, none=g) for p, g in zip(batch, groups)
                  if s.band_low <= sum(r["correct"] for r in g) <= s.band_high]
         if len(kept) >= s.max_questions:
             break
     if not kept:
-        raise ValueError(f"no question has {s.band_low}..{s.band_high} correct of {s.samples} samples among the "
-                         f"{tried} tried: widen --band-low/--band-high or raise --max-candidates")
+        raise ValueError(f"no question has {s.band_low}..{s.band_high} correct of {s.samples} "
+                         f"samples among the {tried} tried: widen --band-low/--band-high or raise "
+                         "--max-candidates")
     return {"questions": kept[:s.max_questions], "tried": tried, "grader_failures": timeouts}
 
 
@@ -198,7 +204,8 @@ def context_metrics(groups: list[list[dict]], tokenizer, preset) -> dict:
         return {"questions": 0}
     return {"questions": len(groups), "accuracy": float(np.mean([r["correct"] for r in flat])),
             **common.response_metrics([r["text"] for r in flat], [len(r["ids"]) for r in flat],
-                                      [r["finish"] for r in flat], tokenizer, preset["think_in_prompt"])}
+                                      [r["finish"] for r in flat], tokenizer,
+                                      preset["think_in_prompt"])}
 
 
 def sft(base, tokenizer, data: list[tuple[list[int], list[int]]], steps: int, s: Settings):
@@ -227,25 +234,28 @@ def student(run: Path, name: str, base, tokenizer, data, steps: int, s: Settings
         tmp = path.with_name(f".{name}.tmp")
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        common.write_json_atomic(tmp / "sft.json", {"examples": len(data), "steps": steps, "tokens": tokens,
-                                                    "losses": losses})
+        common.write_json_atomic(tmp / "sft.json", {"examples": len(data), "steps": steps,
+                                                    "tokens": tokens, "losses": losses})
         tmp.replace(path)
-    return common.load_model(str(path), device=device)[0], json.loads((path / "sft.json").read_text())
+    return (common.load_model(str(path), device=device)[0],
+            json.loads((path / "sft.json").read_text()))
 
 
-def evaluate_model(world, generator, tokenizer, preset, sets: dict, s: Settings) -> tuple[dict, dict]:
+def evaluate_model(world, generator, tokenizer, preset, sets: dict,
+                   s: Settings) -> tuple[dict, dict]:
     """Flat metrics `eval/<set>/<metric>` (+ `eval_forced/<set>/<metric>` with budget forcing)
     and samples, with the world's evaluation sampling."""
     k, temp, top_p, max_tokens = world.eval_sampling(preset, s.eval_k, preset["max_new_tokens"])
-    variants = [("eval", generator)] + ([("eval_forced", BudgetForcing(generator, tokenizer, world.FORCING_WORD))]
-                                        if s.budget_forcing else [])
+    variants = [("eval", generator)] + (
+        [("eval_forced", BudgetForcing(generator, tokenizer, world.FORCING_WORD))]
+        if s.budget_forcing else [])
     metrics, samples = {}, {}
     for prefix, gen in variants:
         for name, problems in sets.items():
             if prefix == "eval_forced" and name == "train_graphs":
                 continue
-            m, rows = common.evaluate(gen, tokenizer, preset, problems, k, temp, top_p, max_tokens, s.seed,
-                                      grade=world.grade)
+            m, rows = common.evaluate(gen, tokenizer, preset, problems, k, temp, top_p, max_tokens,
+                                      s.seed, grade=world.grade)
             metrics.update({f"{prefix}/{name}/{key}": v for key, v in m.items()})
             samples[f"{prefix}_{name}"] = rows[:50]
     return metrics, samples
@@ -259,11 +269,12 @@ def resolve(s: Settings, world, preset: dict) -> Settings:
     s = world_defaults(s, world.NAME)
     s = replace(s, max_new_tokens=s.max_new_tokens or preset["max_new_tokens"])
     if not 0 <= s.band_low <= s.band_high <= s.samples:
-        raise ValueError(f"--band-low {s.band_low} / --band-high {s.band_high}: need 0 <= low <= high "
-                         "<= --samples")
-    if min(s.samples, s.max_questions, s.max_candidates, s.sft_batch_size, s.sft_warmup) < 1 or s.sft_epochs <= 0:
-        raise ValueError("--samples, --max-questions, --max-candidates, --sft-batch-size, --sft-warmup and "
-                         "--sft-epochs must be positive")
+        raise ValueError(f"--band-low {s.band_low} / --band-high {s.band_high}: need 0 <= low <= "
+                         "high <= --samples")
+    if (min(s.samples, s.max_questions, s.max_candidates, s.sft_batch_size, s.sft_warmup) < 1
+            or s.sft_epochs <= 0):
+        raise ValueError("--samples, --max-questions, --max-candidates, --sft-batch-size, "
+                         "--sft-warmup and --sft-epochs must be positive")
     if s.backend not in ("auto", "hf", "vllm"):
         raise ValueError(f"--backend {s.backend!r}: use auto, hf or vllm")
     if s.backend == "vllm":
@@ -283,7 +294,8 @@ def plan_seed(s: Settings) -> tuple[Settings, str]:
     """Every check that can fail, before anything is loaded: flags, backend, data files and the
     run directory (-> "new", "continue" or "finished")."""
     s = resolve(s, pick_world(s.model), common.resolve_preset(s.model))
-    return s, run_dirs.check_run(Path(s.out_dir) / f"seed{s.seed}", s, s.overwrite, s.resume, Settings.SWEEP_ONLY)
+    return s, run_dirs.check_run(Path(s.out_dir) / f"seed{s.seed}", s, s.overwrite, s.resume,
+                                 Settings.SWEEP_ONLY)
 
 
 def sft_sets(questions: list[dict], groups: dict, tokenizer, preset: dict) -> dict[str, list]:
@@ -291,8 +303,10 @@ def sft_sets(questions: list[dict], groups: dict, tokenizer, preset: dict) -> di
     D_ug = each question's first correct unguided response (context none), D_sg = its first
     correct solution-guided response (context s: the peer solution with its thinking)."""
     def firsts(gs):
-        pairs = [(q, next((r for r in g or [] if r["correct"]), None)) for q, g in zip(questions, gs)]
-        return [(common.prompt_ids(tokenizer, q["prompt"], preset["thinking"]), r["ids"]) for q, r in pairs if r]
+        pairs = [(q, next((r for r in g or [] if r["correct"]), None))
+                 for q, g in zip(questions, gs)]
+        return [(common.prompt_ids(tokenizer, q["prompt"], preset["thinking"]), r["ids"])
+                for q, r in pairs if r]
 
     return {"D_ug": firsts(groups["none"]), "D_sg": firsts(groups["s"])}
 
@@ -313,8 +327,8 @@ def run_seed(s: Settings) -> dict:
     pool = world.training_problems(s.max_candidates, s.train_file)
     pool = random.Random(s.seed).sample(pool, len(pool))
     base, tokenizer, preset = common.load_model(s.model, device=device)
-    run = run_dirs.start_run(Path(s.out_dir) / f"seed{s.seed}", s, overwrite=s.overwrite, resume=s.resume,
-                           sweep_only=Settings.SWEEP_ONLY)
+    run = run_dirs.start_run(Path(s.out_dir) / f"seed{s.seed}", s, overwrite=s.overwrite,
+                           resume=s.resume, sweep_only=Settings.SWEEP_ONLY)
     if state == "continue":
         print(f"{run}: resumed, {run_state(run)} (skipped)", flush=True)
     try:
@@ -328,31 +342,40 @@ def _run_seed(s: Settings, world, run: Path, base, tokenizer, preset, sets, pool
 
     # Section 3: selection, then each teacher context (paper Table 1). groups[c][i]: the samples of
     # question i under context c, or None when c has no solution to show for it.
-    sel = stage(run, "selection", lambda: select_questions(world, generator, tokenizer, preset, pool, s))
+    sel = stage(run, "selection",
+                lambda: select_questions(world, generator, tokenizer, preset, pool, s))
     questions = sel["questions"]
     groups = {"none": [q["none"] for q in questions]}
     for c in CONTEXTS[1:]:
-        source = groups["s" if c == "regenerated" else "none"]  # round 2 is conditioned on a round-1 guided answer
+        # round 2 is conditioned on a round-1 guided answer
+        source = groups["s" if c == "regenerated" else "none"]
         msgs = [context_message(q["prompt"], c, first_correct_text(g), preset["think_in_prompt"])
                 for q, g in zip(questions, source)]
         idx = [i for i, m in enumerate(msgs) if m is not None]
 
         def sample_context(msgs=msgs, idx=idx, c=c):
             out, _ = sample_and_grade(world, generator, tokenizer, preset, [msgs[i] for i in idx],
-                                      [questions[i]["gold"] for i in idx], s, seed=s.seed * 7919 + 1 + CONTEXTS.index(c))
+                                      [questions[i]["gold"] for i in idx], s,
+                                      seed=s.seed * 7919 + 1 + CONTEXTS.index(c))
             by_question = dict(zip(idx, out))
             return [by_question.get(i) for i in range(len(questions))]
 
         groups[c] = stage(run, f"context_{c}", sample_context)
-    table1 = {c: context_metrics([g for g in gs if g is not None], tokenizer, preset) for c, gs in groups.items()}
-    common.write_samples(run, "contexts", [{"question": i, "context": c, "response": r["text"], "correct": r["correct"]}
-                                           for c, gs in groups.items() for i, g in enumerate(gs[:20]) for r in g or []])
+    table1 = {c: context_metrics([g for g in gs if g is not None], tokenizer, preset)
+              for c, gs in groups.items()}
+    common.write_samples(run, "contexts",
+                         [{"question": i, "context": c, "response": r["text"],
+                           "correct": r["correct"]}
+                          for c, gs in groups.items() for i, g in enumerate(gs[:20])
+                          for r in g or []])
 
     # Section 4: the two SFT sets, the students and their evaluation (paper Table 2)
     data = sft_sets(questions, groups, tokenizer, preset)
     steps = max(1, round(s.sft_epochs * len(data["D_ug"]) / s.sft_batch_size))
-    if world.EVAL_SELECTED_AS:  # the toy world also evaluates the graphs distilled on, without a hint
-        sets[world.EVAL_SELECTED_AS] = [{"prompt": q["prompt"], "gold": q["gold"]} for q in questions]
+    # the toy world also evaluates the graphs distilled on, without a hint
+    if world.EVAL_SELECTED_AS:
+        sets[world.EVAL_SELECTED_AS] = [{"prompt": q["prompt"], "gold": q["gold"]}
+                                        for q in questions]
     table2, losses = {}, {}
     for name in ("base", "D_ug", "D_sg"):
         model, info = base, {}
@@ -374,10 +397,12 @@ def _run_seed(s: Settings, world, run: Path, base, tokenizer, preset, sets, pool
                             **{f"sft/{k}": v for k, v in info.items() if k != "losses"})
         losses[name] = info.get("losses", [])
     common.write_json_atomic(run / "metrics.jsonl", "".join(  # one line per SFT step, both students
-        json.dumps({"step": i + 1, **{f"sft/{n}/loss": l[i] for n, l in losses.items() if i < len(l)}}) + "\n"
+        json.dumps({"step": i + 1,
+                    **{f"sft/{n}/loss": l[i] for n, l in losses.items() if i < len(l)}}) + "\n"
         for i in range(steps)))
     final = {"seed": s.seed, "model": s.model, "world": world.NAME, "settings": asdict(s),
-             "selection": {"questions": len(questions), "tried": sel["tried"], "band": [s.band_low, s.band_high],
+             "selection": {"questions": len(questions), "tried": sel["tried"],
+                           "band": [s.band_low, s.band_high],
                            "grader_failures": sel["grader_failures"]},
              "table1": table1, "table2": table2}
     common.finish_run(run, final)
@@ -390,7 +415,8 @@ def _run_seed(s: Settings, world, run: Path, base, tokenizer, preset, sets, pool
 def summarize(finals: list[dict]) -> dict:
     """Table 1 and Table 2, every metric as {mean, std, n} over seeds."""
     def stats(dicts: list[dict]) -> dict:
-        return {k: tables.stat([d.get(k) for d in dicts]) for k in dict.fromkeys(k for d in dicts for k in d)
+        return {k: tables.stat([d.get(k) for d in dicts])
+                for k in dict.fromkeys(k for d in dicts for k in d)
                 if not isinstance(dicts[0].get(k), (list, dict, str))}
 
     table1 = [{"context": c, "seeds": len(finals), **stats([f["table1"][c] for f in finals])}
@@ -400,21 +426,24 @@ def summarize(finals: list[dict]) -> dict:
     return {"table1": table1, "table2": table2}
 
 
-CONTEXT_LABELS = {"none": "unguided", "s": "c = s", "s_nothink": "c = s\\think", "regenerated": "c = regenerated"}
-TABLE1 = {"accuracy": 3, "response_length": 1, "epistemic/total": 2, "epistemic/total_per_1k_tokens": 1}
+CONTEXT_LABELS = {"none": "unguided", "s": "c = s", "s_nothink": "c = s\\think",
+                  "regenerated": "c = regenerated"}
+TABLE1 = {"accuracy": 3, "response_length": 1, "epistemic/total": 2,
+          "epistemic/total_per_1k_tokens": 1}
 
 
 def print_summary(finals: list[dict], out_dir: str, world) -> None:
     """Both tables in <= 100 columns; every metric in summary.json."""
     t1 = [{"context": CONTEXT_LABELS.get(c, c), "seeds": len(finals),
            **{k.replace("epistemic/total", "doubt words").replace("response_", ""):
-              tables.fmt_stat(tables.stat([f["table1"][c].get(k) for f in finals]), d) for k, d in TABLE1.items()}}
+              tables.fmt_stat(tables.stat([f["table1"][c].get(k) for f in finals]), d)
+              for k, d in TABLE1.items()}}
           for c in finals[0]["table1"]]
     print("Table 1 - teacher context richness (section 3); doubt words and length per response\n"
           + tables.format_table(t1))
     print("\nTable 2 - off-policy SFT on D_ug vs D_sg (section 4)\n"
-          + tables.compact_table([(name, [f["table2"][name] for f in finals]) for name in finals[0]["table2"]],
-                                 world, first="model"))
+          + tables.compact_table([(name, [f["table2"][name] for f in finals])
+                                  for name in finals[0]["table2"]], world, first="model"))
     print(f"every metric (mean, std, n over seeds): {out_dir}/summary.json")
 
 

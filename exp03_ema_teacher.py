@@ -1,4 +1,5 @@
-"""exp03 — SDPO with the frozen initial teacher vs a moving (EMA) teacher (claim C4; docs/PROTOCOL.md §5).
+"""exp03 — SDPO with the frozen initial teacher vs a moving (EMA) teacher (claim C4; \
+docs/PROTOCOL.md §5).
 
 Claim C4: updating the teacher towards the student after every step,
     theta_T <- (1 - tau) theta_T + tau theta_S        (tau = 0.05 in the paper's ablation),
@@ -10,9 +11,11 @@ what exp02 logs (training reward, length, epistemic counts, held-out/OOD accurac
 particular the teacher–student divergence split into epistemic tokens and all other tokens
 (`train/sdpo/divergence_epistemic`, `train/sdpo/divergence_other`).
 
-  python exp03_ema_teacher.py                          # toy world: tau in {0, 0.01, 0.05, 0.2}, one seed
+  python exp03_ema_teacher.py                          # toy world: tau in {0, 0.01, 0.05, 0.2}, \
+one seed
   python exp03_ema_teacher.py --seeds 0,1,2            # the README's table (mean ± std)
-  python exp03_ema_teacher.py --model deepseek-r1-distill-qwen-7b --ema-rates 0,0.05   # the paper's pair
+  python exp03_ema_teacher.py --model deepseek-r1-distill-qwen-7b --ema-rates 0,0.05   # the \
+paper's pair
 
 Where we depart from the paper: exp02's list (its docstring) applies unchanged; in addition the
 sweep adds tau = 0.01 and 0.2 around the paper's 0.05 to show the trend, not a single point.
@@ -33,9 +36,10 @@ from infra.settings import arg, cli, parse_settings
 @dataclass
 class Settings(exp02.Settings):
     method: str = arg("sdpo", "SDPO only: the EMA teacher is an SDPO ablation")
-    out_dir: str = arg("runs/{model}/exp03", "run directory ({model} = the --model name); each rate "
-                                             "and seed writes <out_dir>/ema<tau>/seed<k>/")
-    ema_rates: str = arg("0,0.01,0.05,0.2", "teacher EMA rates tau to compare (0 = the frozen teacher)")
+    out_dir: str = arg("runs/{model}/exp03", "run directory ({model} = the --model name); each "
+                                             "rate and seed writes <out_dir>/ema<tau>/seed<k>/")
+    ema_rates: str = arg("0,0.01,0.05,0.2",
+                         "teacher EMA rates tau to compare (0 = the frozen teacher)")
     frozen_from: str = arg("", "an exp02 --out-dir: tau = 0 is its sdpo_s/seed<k> run when that "
                            "finished with the same settings (copied, not trained twice)")
 
@@ -73,11 +77,13 @@ def main(argv=None) -> list[dict]:
     s = parse_settings(Settings, argv)
     s = replace(s, out_dir=run_dirs.default_out_dir(s.out_dir, s.model))
     if s.method != "sdpo":
-        raise ValueError(f"--method {s.method!r}: exp03 compares teachers of SDPO only; use --method sdpo")
+        raise ValueError(f"--method {s.method!r}: exp03 compares teachers of SDPO only; "
+                         "use --method sdpo")
     try:
         rates = [float(x) for x in s.ema_rates.split(",")]
     except ValueError:
-        raise ValueError(f"--ema-rates {s.ema_rates!r}: give comma-separated numbers in [0, 1], e.g. 0,0.05") from None
+        raise ValueError(f"--ema-rates {s.ema_rates!r}: give comma-separated numbers in [0, 1], "
+                         "e.g. 0,0.05") from None
     seeds = [int(x) for x in s.seeds.split(",")] if s.seeds else [s.seed]
     runs = [(replace(s, seed=seed, ema_rate=tau), f"{s.out_dir}/{run_name(tau)}/seed{seed}")
             for seed in seeds for tau in rates]

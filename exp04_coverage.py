@@ -10,7 +10,8 @@ training sets of different coverage, with the same seeds, budgets and evaluation
               the release's own files with --train-files (seen_*.parquet, README "Data").
 A training set smaller than the batch is cycled through; a repeated row is its own group, as in the
 release (seen_1x64.parquet is one question 64 times). Tracked: in-domain training score
-(`train/reward`), response length and OOD accuracy (toy: held-out and OOD cells; math: AIME24 avg@16).
+(`train/reward`), response length and OOD accuracy (toy: held-out and OOD cells; math: AIME24 \
+avg@16).
 
   python exp04_coverage.py                              # toy world, one seed
   python exp04_coverage.py --seeds 0,1,2                # the README's table (mean ± std)
@@ -35,12 +36,13 @@ from infra.settings import arg, cli, parse_settings
 @dataclass
 class Settings(exp02.Settings):
     out_dir: str = arg("runs/{model}/exp04", "run directory ({model} = the --model name); each "
-                                             "coverage, arm and seed writes <out_dir>/<coverage>/<arm>/seed<k>/")
+                                             "coverage, arm and seed writes "
+                                             "<out_dir>/<coverage>/<arm>/seed<k>/")
     method: str = arg("all", "grpo | sdpo | all (GRPO and SDPO with --teacher-context)")
-    coverages: str = arg("1,8,64,256,fresh", "training-set sizes drawn with the seed; `fresh` = new toy "
-                                             "graphs every step")
-    train_files: str = arg("", "math: comma-separated parquet files in the paper's layout, one coverage "
-                               "arm each (overrides --coverages)")
+    coverages: str = arg("1,8,64,256,fresh", "training-set sizes drawn with the seed; `fresh` = "
+                                             "new toy graphs every step")
+    train_files: str = arg("", "math: comma-separated parquet files in the paper's layout, one "
+                               "coverage arm each (overrides --coverages)")
 
     SWEEP_ONLY: ClassVar[tuple] = exp02.Settings.SWEEP_ONLY + ("coverages", "train_files")
 
@@ -52,9 +54,11 @@ def coverage_names(s: Settings, world) -> list[str]:
     names = [c.strip() for c in s.coverages.split(",") if c.strip()]
     for name in names:
         if name == "fresh" and not hasattr(world, "fresh_problems"):
-            raise ValueError("--coverages fresh exists only in the toy world (new graphs every step)")
+            raise ValueError("--coverages fresh exists only in the toy world "
+                             "(new graphs every step)")
         if name != "fresh" and (not name.isdigit() or int(name) < 1):
-            raise ValueError(f"--coverages: {name!r} is not a positive number of questions or 'fresh'")
+            raise ValueError(f"--coverages: {name!r} is not a positive number of questions "
+                             "or 'fresh'")
     if not names:
         raise ValueError("no coverage to run: give --coverages (e.g. 1,8,64) or --train-files")
     return [n if n == "fresh" else f"cov{int(n)}" for n in names]
@@ -70,8 +74,10 @@ def training_sets(s: Settings, world) -> dict[str, list[dict] | None]:
     sets = {}
     for name, size in ((n, int(n[3:]) if n != "fresh" else None) for n in names):
         if size is not None and size > len(pool):
-            raise ValueError(f"--coverages {size}: the training pool has only {len(pool)} questions")
-        sets[name] = None if size is None else random.Random(f"coverage-{s.seed}").sample(pool, size)
+            raise ValueError(f"--coverages {size}: the training pool has only {len(pool)} "
+                             "questions")
+        sets[name] = (None if size is None
+                      else random.Random(f"coverage-{s.seed}").sample(pool, size))
     return sets
 
 
@@ -80,7 +86,8 @@ def batches(world, problems: list[dict] | None, batch: int, seed: int):
     the world's fresh problems at every step, seeded by (seed, step), when `problems` is None."""
     if problems is None:
         return lambda step: world.fresh_problems(seed, step, batch)
-    return lambda step: [problems[i] for i in common.batch_indices(len(problems), batch, step, seed)]
+    return lambda step: [problems[i]
+                         for i in common.batch_indices(len(problems), batch, step, seed)]
 
 
 def train_coverage(arm: Settings, run_dir: str, name: str, sets: dict | None = None) -> dict:
@@ -98,7 +105,8 @@ def main(argv=None) -> list[dict]:
     s = replace(s, out_dir=run_dirs.default_out_dir(s.out_dir, s.model))
     if s.method not in ("grpo", "sdpo", "all"):
         raise ValueError(f"--method {s.method!r}: use grpo, sdpo or all")
-    methods = [("grpo", "s"), ("sdpo", s.teacher_context)] if s.method == "all" else [(s.method, s.teacher_context)]
+    methods = ([("grpo", "s"), ("sdpo", s.teacher_context)] if s.method == "all"
+               else [(s.method, s.teacher_context)])
     seeds = [int(x) for x in s.seeds.split(",")] if s.seeds else [s.seed]
     world = exp02.pick_world(s.model)
     for f in s.train_files.split(",") if s.train_files else []:

@@ -157,8 +157,9 @@ def update_once(args, method: str, device: str, sharded: bool) -> dict:
         student.parameters(), lr=s.lr, betas=(0.9, 0.999), weight_decay=s.weight_decay
     )
     epistemic = torch.zeros(vocab, dtype=torch.bool, device=device)
-    logs = exp02.update(dataclasses.replace(s, method=method), student=student, teacher=teacher, opt=opt,
-                        rollouts=bench.rollouts_of(data), pad_id=pad, epistemic_ids=epistemic, step=1)
+    logs = exp02.update(dataclasses.replace(s, method=method), student=student, teacher=teacher,
+                        opt=opt, rollouts=bench.rollouts_of(data), pad_id=pad,
+                        epistemic_ids=epistemic, step=1)
     from torch.distributed.fsdp import FSDPModule
 
     return {

@@ -19,9 +19,12 @@ check_files, grade, eval_sampling, HEADLINE, HEADLINE_NOTE, FORCING_WORD), plus 
 new graphs at every step (exp04's unbounded coverage).
 
 Commands
-  python toy_world.py evaluate                 # the shipped model's accuracy table (the main job for now)
-  python toy_world.py build                    # regenerates the shipped model: the 3-stage RECIPE (~1 h 50 min, 2 cores)
-  python toy_world.py pretrain --help          # one pretraining stage (controls continue from toy_model)
+  python toy_world.py evaluate                 # the shipped model's accuracy table (the main job \
+for now)
+  python toy_world.py build                    # regenerates the shipped model: the 3-stage RECIPE \
+(~1 h 50 min, 2 cores)
+  python toy_world.py pretrain --help          # one pretraining stage (controls continue from \
+toy_model)
   python toy_world.py control wrong_revised    # a control's base (CONTROLS), into results/controls/
 
 Design choices (listed in the README too):
@@ -50,7 +53,8 @@ from infra.settings import arg, cli, parse_settings
 
 LABELS = [f"n{i}" for i in range(48)]
 HINT_WORDS = ["Correct", "solution:", "Correctly", "solve", "the", "original", "question."]
-TASK_WORDS = ["edges", ",", "start", "target", "<think>", "</think>", "maybe", "wait", "check", "answer"]
+TASK_WORDS = ["edges", ",", "start", "target", "<think>", "</think>", "maybe", "wait", "check",
+              "answer"]
 SPECIAL = ["<pad>", "<|endoftext|>", "<|user|>", "<|assistant|>"]
 VOCAB = SPECIAL + TASK_WORDS + HINT_WORDS + LABELS
 
@@ -78,7 +82,8 @@ HEADLINE = {"held-out acc": (["eval/in_domain/avg@"], 3),
             "length": (["eval/in_domain/response_length"], 1)}
 HEADLINE_NOTE = ("held-out acc = in_domain avg@1; OOD acc = mean avg@1 of ood_d4, ood_d5, ood_l5; "
                  "doubt words (epistemic count) and length (tokens) per response on in_domain")
-HINT_LABELS = {"none": "unguided", "full": "c = s", "answer": "c = s\\think"}  # the README's columns
+# the README's columns
+HINT_LABELS = {"none": "unguided", "full": "c = s", "answer": "c = s\\think"}
 
 
 @dataclass(frozen=True)
@@ -107,7 +112,8 @@ def make_graph(rng: random.Random, D: int, L: int) -> Graph:
 
 def graph_prompt(g: Graph) -> str:
     """The user message: `edges u v , u v , ... start s target t`."""
-    return "edges " + " , ".join(f"{u} {v}" for u, v in g.edges) + f" start {g.start} target {g.target}"
+    return ("edges " + " , ".join(f"{u} {v}" for u, v in g.edges)
+            + f" start {g.start} target {g.target}")
 
 
 def unguided_trace(g: Graph, rng: random.Random, p_confident: float, p_drop_hedge: float = 0.0,
@@ -211,7 +217,8 @@ def walks(thinking: str, start: str) -> list[list[str]]:
 def failure_class(problem: dict, response: str, finish_reason: str, correct: bool) -> str:
     """Which part of the search failed (FAILURE_CLASSES), checked in this order:
     correct; no answer: cut_at_limit (cut at the token budget: looping over arms) or no_answer
-    (stopped without one); invalid_edge (a step not in the graph); repeated_arm (an arm walked twice: the search
+    (stopped without one); invalid_edge (a step not in the graph); repeated_arm (an arm walked \
+twice: the search
     lost track of what it tried); misread (the goal arm was walked to the target, yet another
     node answered); wrong_commit (answered without ever reaching the target)."""
     if correct:
@@ -293,7 +300,8 @@ def fresh_problems(seed: int, step: int, n: int) -> list[dict]:
     return [{"prompt": graph_prompt(g), "gold": g.answer} for g in graphs]
 
 
-def evaluation_sets(n: int, names=None, data_dir: str | None = None, train_graphs: bool = False) -> dict:
+def evaluation_sets(n: int, names=None, data_dir: str | None = None,
+                    train_graphs: bool = False) -> dict:
     """n held-out graphs of every evaluation cell, and of the training graphs when asked (names
     and data_dir are the math world's benchmark options)."""
     sets = {c: cell_problems(c, n) for c in EVAL_CELLS}
@@ -321,8 +329,9 @@ def build_tokenizer():
 
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="<pad>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<pad>",
-                                   chat_template=CHAT_TEMPLATE, padding_side="left")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
+                                   pad_token="<pad>", chat_template=CHAT_TEMPLATE,
+                                   padding_side="left")
 
 
 @dataclass
@@ -355,7 +364,8 @@ class PretrainSettings:
 
 
 def corpus_cells(s: PretrainSettings) -> list[tuple[int, int]]:
-    """PRETRAIN_CELLS plus `extra_cells` ("DxL,DxL"): a cell listed twice is drawn twice as often."""
+    """PRETRAIN_CELLS plus `extra_cells` ("DxL,DxL"): a cell listed twice is drawn twice as \
+often."""
     extra = [tuple(int(v) for v in c.split("x")) for c in s.extra_cells.split(",") if c.strip()]
     return PRETRAIN_CELLS + extra
 
@@ -385,10 +395,12 @@ def corpus_batch(rng: random.Random, tokenizer, s: PretrainSettings, n: int):
 def new_model(tokenizer, s: PretrainSettings):
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    config = Qwen3Config(vocab_size=len(VOCAB), hidden_size=s.hidden, intermediate_size=4 * s.hidden,
-                         num_hidden_layers=s.layers, num_attention_heads=s.heads, num_key_value_heads=s.heads,
-                         head_dim=s.hidden // s.heads, max_position_embeddings=512, tie_word_embeddings=True,
-                         bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = Qwen3Config(vocab_size=len(VOCAB), hidden_size=s.hidden,
+                         intermediate_size=4 * s.hidden, num_hidden_layers=s.layers,
+                         num_attention_heads=s.heads, num_key_value_heads=s.heads,
+                         head_dim=s.hidden // s.heads, max_position_embeddings=512,
+                         tie_word_embeddings=True, bos_token_id=None,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     config.toy_world = True  # marks any saved copy as a toy-world model (common.resolve_preset)
     return Qwen3ForCausalLM(config)
 
@@ -397,7 +409,8 @@ def pretrain(s: PretrainSettings) -> None:
     parallel.cpu_threads(s.threads)
     common.set_seed(s.seed)
     rng, tokenizer = random.Random(s.seed), build_tokenizer()
-    model = new_model(tokenizer, s) if s.init_from is None else common.load_model(s.init_from, device="cpu")[0].train()
+    model = (new_model(tokenizer, s) if s.init_from is None
+             else common.load_model(s.init_from, device="cpu")[0].train())
     print(f"toy model: {sum(p.numel() for p in model.parameters()):,} parameters")
     opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / s.warmup) * (
@@ -405,22 +418,25 @@ def pretrain(s: PretrainSettings) -> None:
     t0 = time.time()
     steps = progress.bar(range(1, s.steps + 1), "pretrain")
     for step in steps:
-        loss = loss_head.lm_step(model, opt, corpus_batch(rng, tokenizer, s, s.batch_size), tokenizer.pad_token_id)
+        loss = loss_head.lm_step(model, opt, corpus_batch(rng, tokenizer, s, s.batch_size),
+                                 tokenizer.pad_token_id)
         sched.step()
         if step % 50 == 0:
-            progress.report(steps, f"step {step}", loss=f"{loss:.4f}", elapsed=f"{time.time() - t0:.0f}s")
+            progress.report(steps, f"step {step}", loss=f"{loss:.4f}",
+                            elapsed=f"{time.time() - t0:.0f}s")
         if step % s.eval_every == 0 or step == s.steps:
-            acc = {c: evaluate_cell(model, tokenizer, c, "none", n=64)["accuracy"] for c in EVAL_CELLS}
+            acc = {c: evaluate_cell(model, tokenizer, c, "none", n=64)["accuracy"]
+                   for c in EVAL_CELLS}
             progress.say(f"step {step} greedy accuracy {acc}")
     model.save_pretrained(s.out_dir)
     tokenizer.save_pretrained(s.out_dir)
     print(f"saved {s.out_dir} after {time.time() - t0:.0f}s")
 
 
-# How the shipped toy_model/ was made. Stage 1 alone reached greedy accuracy 0.870 on ood_d5 (n=200),
-# under the 0.9 bar; a plain continuation (stage 2) did not move it (0.875); stage 3 oversamples the
-# deeper cells at a lower learning rate (0.930). The bar is about the base model's competence; no
-# stage looks at distillation or RL results.
+# How the shipped toy_model/ was made. Stage 1 alone reached greedy accuracy 0.870 on ood_d5
+# (n=200), under the 0.9 bar; a plain continuation (stage 2) did not move it (0.875); stage 3
+# oversamples the deeper cells at a lower learning rate (0.930). The bar is about the base model's
+# competence; no stage looks at distillation or RL results.
 RECIPE = [
     dict(seed=0, steps=10000, lr=2e-3, threads=2),
     dict(seed=1, steps=3000, lr=5e-4, threads=2),
@@ -445,7 +461,8 @@ def control_base(name: str, out_dir: str | None = None) -> None:
 
 
 def build(out_dir: str = "toy_model") -> None:
-    """Run RECIPE stage by stage, each continuing from the last (stage k is kept in `out_dir.stage<k>`)."""
+    """Run RECIPE stage by stage, each continuing from the last (stage k is kept in \
+`out_dir.stage<k>`)."""
     init = None
     for k, stage in enumerate(RECIPE, 1):
         stage_dir = out_dir if k == len(RECIPE) else f"{out_dir}.stage{k}"
@@ -463,11 +480,14 @@ def cell_problems(cell: str | tuple[int, int], n: int, split: str = "heldout", h
 
 def evaluate_cell(model, tokenizer, cell, hint: str = "none", n: int = 200, split: str = "heldout",
                   temperature: float = 0.0, seed: int = 0, generator=None) -> dict:
-    """Accuracy (= avg@1), length and doubt words of one cell under one hint type, greedy by default,
+    """Accuracy (= avg@1), length and doubt words of one cell under one hint type, greedy by \
+default,
     through the same `common.evaluate` as the math world."""
     metrics, _ = common.evaluate(generator or rollout.HFGenerator(model, tokenizer), tokenizer,
-                                 common.resolve_preset("toy"), cell_problems(cell, n, split, hint, seed), k=1,
-                                 temperature=temperature, top_p=1.0, max_tokens=64, seed=seed, grade=grade)
+                                 common.resolve_preset("toy"),
+                                 cell_problems(cell, n, split, hint, seed), k=1,
+                                 temperature=temperature, top_p=1.0, max_tokens=64, seed=seed,
+                                 grade=grade)
     return dict(metrics, accuracy=metrics["avg@1"])
 
 
