@@ -1,8 +1,8 @@
-"""Benchmark the batched math-verify grader (math_world.grade, workers from infra/grader_pool.py) \
+"""Benchmark the batched math-verify grader (math_world.grade, workers from infra/grader_pool.py)
 on a realistic mix of responses.
 
-    python benchmark_grading.py [--n 2000] [--workers 2] [--timeout 5] \
-[--out results/bench/grading.json]
+    python benchmark_grading.py [--n 2000] [--workers 2] [--timeout 5]
+        [--out results/bench/grading.json]
 
 The mix imitates evaluation: groups of 16 samples per gold; correct and wrong boxed integers,
 fractions vs decimals, intervals, LaTeX expressions (roots, pi, polynomials, matrices, bare-LaTeX

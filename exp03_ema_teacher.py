@@ -1,5 +1,4 @@
-"""exp03 — SDPO with the frozen initial teacher vs a moving (EMA) teacher (claim C4; \
-docs/PROTOCOL.md §5).
+"""exp03 — SDPO with the frozen vs a moving (EMA) teacher (claim C4; docs/PROTOCOL.md §5).
 
 Claim C4: updating the teacher towards the student after every step,
     theta_T <- (1 - tau) theta_T + tau theta_S        (tau = 0.05 in the paper's ablation),
@@ -11,11 +10,11 @@ what exp02 logs (training reward, length, epistemic counts, held-out/OOD accurac
 particular the teacher–student divergence split into epistemic tokens and all other tokens
 (`train/sdpo/divergence_epistemic`, `train/sdpo/divergence_other`).
 
-  python exp03_ema_teacher.py                          # toy world: tau in {0, 0.01, 0.05, 0.2}, \
-one seed
+  python exp03_ema_teacher.py                          # toy world: tau in {0, 0.01, 0.05, 0.2},
+                                                       # one seed
   python exp03_ema_teacher.py --seeds 0,1,2            # the README's table (mean ± std)
-  python exp03_ema_teacher.py --model deepseek-r1-distill-qwen-7b --ema-rates 0,0.05   # the \
-paper's pair
+  python exp03_ema_teacher.py --model deepseek-r1-distill-qwen-7b --ema-rates 0,0.05   # the
+                                                                                       # paper's pair
 
 Where we depart from the paper: exp02's list (its docstring) applies unchanged; in addition the
 sweep adds tau = 0.01 and 0.2 around the paper's 0.05 to show the trend, not a single point.

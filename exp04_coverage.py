@@ -10,7 +10,7 @@ training sets of different coverage, with the same seeds, budgets and evaluation
               the release's own files with --train-files (seen_*.parquet, README "Data").
 A training set smaller than the batch is cycled through; a repeated row is its own group, as in the
 release (seen_1x64.parquet is one question 64 times). Tracked: in-domain training score
-(`train/reward`), response length and OOD accuracy (toy: held-out and OOD cells; math: AIME24 \
+(`train/reward`), response length and OOD accuracy (toy: held-out and OOD cells; math: AIME24
 avg@16).
 
   python exp04_coverage.py                              # toy world, one seed

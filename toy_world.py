@@ -19,12 +19,12 @@ check_files, grade, eval_sampling, HEADLINE, HEADLINE_NOTE, FORCING_WORD), plus 
 new graphs at every step (exp04's unbounded coverage).
 
 Commands
-  python toy_world.py evaluate                 # the shipped model's accuracy table (the main job \
-for now)
-  python toy_world.py build                    # regenerates the shipped model: the 3-stage RECIPE \
-(~1 h 50 min, 2 cores)
-  python toy_world.py pretrain --help          # one pretraining stage (controls continue from \
-toy_model)
+  python toy_world.py evaluate                 # the shipped model's accuracy table (the main job
+                                               # for now)
+  python toy_world.py build                    # regenerates the shipped model: the 3-stage RECIPE
+                                               # (~1 h 50 min, 2 cores)
+  python toy_world.py pretrain --help          # one pretraining stage (controls continue from
+                                               # toy_model)
   python toy_world.py control wrong_revised    # a control's base (CONTROLS), into results/controls/
 
 Design choices (listed in the README too):
@@ -217,9 +217,8 @@ def walks(thinking: str, start: str) -> list[list[str]]:
 def failure_class(problem: dict, response: str, finish_reason: str, correct: bool) -> str:
     """Which part of the search failed (FAILURE_CLASSES), checked in this order:
     correct; no answer: cut_at_limit (cut at the token budget: looping over arms) or no_answer
-    (stopped without one); invalid_edge (a step not in the graph); repeated_arm (an arm walked \
-twice: the search
-    lost track of what it tried); misread (the goal arm was walked to the target, yet another
+    (stopped without one); invalid_edge (a step not in the graph); repeated_arm (an arm walked
+    twice: the search lost track of what it tried); misread (the goal arm was walked to the target, yet another
     node answered); wrong_commit (answered without ever reaching the target)."""
     if correct:
         return "correct"
@@ -364,8 +363,8 @@ class PretrainSettings:
 
 
 def corpus_cells(s: PretrainSettings) -> list[tuple[int, int]]:
-    """PRETRAIN_CELLS plus `extra_cells` ("DxL,DxL"): a cell listed twice is drawn twice as \
-often."""
+    """PRETRAIN_CELLS plus `extra_cells` ("DxL,DxL"): a cell listed twice is drawn twice as
+    often."""
     extra = [tuple(int(v) for v in c.split("x")) for c in s.extra_cells.split(",") if c.strip()]
     return PRETRAIN_CELLS + extra
 
@@ -461,8 +460,8 @@ def control_base(name: str, out_dir: str | None = None) -> None:
 
 
 def build(out_dir: str = "toy_model") -> None:
-    """Run RECIPE stage by stage, each continuing from the last (stage k is kept in \
-`out_dir.stage<k>`)."""
+    """Run RECIPE stage by stage, each continuing from the last (stage k is kept in
+    `out_dir.stage<k>`)."""
     init = None
     for k, stage in enumerate(RECIPE, 1):
         stage_dir = out_dir if k == len(RECIPE) else f"{out_dir}.stage{k}"
@@ -480,9 +479,8 @@ def cell_problems(cell: str | tuple[int, int], n: int, split: str = "heldout", h
 
 def evaluate_cell(model, tokenizer, cell, hint: str = "none", n: int = 200, split: str = "heldout",
                   temperature: float = 0.0, seed: int = 0, generator=None) -> dict:
-    """Accuracy (= avg@1), length and doubt words of one cell under one hint type, greedy by \
-default,
-    through the same `common.evaluate` as the math world."""
+    """Accuracy (= avg@1), length and doubt words of one cell under one hint type, greedy by
+    default, through the same `common.evaluate` as the math world."""
     metrics, _ = common.evaluate(generator or rollout.HFGenerator(model, tokenizer), tokenizer,
                                  common.resolve_preset("toy"),
                                  cell_problems(cell, n, split, hint, seed), k=1,
