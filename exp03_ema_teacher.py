@@ -13,8 +13,7 @@ particular the teacher–student divergence split into epistemic tokens and all 
   python exp03_ema_teacher.py                          # toy world: tau in {0, 0.01, 0.05, 0.2},
                                                        # one seed
   python exp03_ema_teacher.py --seeds 0,1,2            # the README's table (mean ± std)
-  python exp03_ema_teacher.py --model deepseek-r1-distill-qwen-7b --ema-rates 0,0.05   # the
-                                                                                       # paper's pair
+  python exp03_ema_teacher.py --model deepseek-r1-distill-qwen-7b --ema-rates 0,0.05  # paper
 
 Where we depart from the paper: exp02's list (its docstring) applies unchanged; in addition the
 sweep adds tau = 0.01 and 0.2 around the paper's 0.05 to show the trend, not a single point.

@@ -218,8 +218,9 @@ def failure_class(problem: dict, response: str, finish_reason: str, correct: boo
     """Which part of the search failed (FAILURE_CLASSES), checked in this order:
     correct; no answer: cut_at_limit (cut at the token budget: looping over arms) or no_answer
     (stopped without one); invalid_edge (a step not in the graph); repeated_arm (an arm walked
-    twice: the search lost track of what it tried); misread (the goal arm was walked to the target, yet another
-    node answered); wrong_commit (answered without ever reaching the target)."""
+    twice: the search lost track of what it tried); misread (the goal arm was walked to the
+    target, yet another node answered); wrong_commit (answered without ever reaching the
+    target)."""
     if correct:
         return "correct"
     if answer_of(response) is None:
