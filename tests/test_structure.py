@@ -96,7 +96,7 @@ def test_no_world_branches_outside_the_worlds():
             assert bad not in path.read_text(), (m, bad)
 
 
-WRAPPED = ("common", "exp02_onpolicy_grpo_sdpo", "math_world")  # and infra/: the restructured files
+WRAPPED = ("common", "exp02_onpolicy_grpo_sdpo", "math_world", "benchmark_training")  # and infra/
 
 
 def test_lines_fit_100_columns():
