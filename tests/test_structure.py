@@ -99,7 +99,7 @@ def test_no_world_branches_outside_the_worlds():
 
 WRAPPED = ("common", "exp02_onpolicy_grpo_sdpo", "math_world",  # and infra/: the restructured files
            "exp01_offpolicy", "exp03_ema_teacher", "exp04_coverage", "toy_world", "gpu_check",
-           "make_figures", "benchmark_grading")
+           "make_figures", "benchmark_grading", "benchmark_training")
 
 
 def test_lines_fit_100_columns():
