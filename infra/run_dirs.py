@@ -29,9 +29,10 @@ def environment_info() -> dict:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True
         ).stdout.strip()
-        dirty = bool(
+        dirty = bool(  # the code's state: results/ is what the runs write (reproduce_toy.sh)
             subprocess.run(
-                ["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True
+                ["git", "status", "--porcelain", "--", ".", ":(exclude)results"], cwd=ROOT,
+                capture_output=True, text=True
             ).stdout
         )
     except OSError:
