@@ -265,36 +265,48 @@ def load_teacher(model: str, device: str, cuda: bool):
     return common.load_model(model, device=device, dtype=dtype)[0].eval()
 
 
+def rollout_log_ratio(old_rows: list[torch.Tensor], samples: list[Sample]) -> list:
+    """log pi_old(y_t) / pi_rollout(y_t) per sequence, from the engine's log-probs (vLLM samples
+    carry them); None for a sample without them (transformers rollouts: the same weights)."""
+    return [None if x.logprobs is None else o - torch.tensor(x.logprobs, device=o.device)
+            for o, x in zip(old_rows, samples)]
+
+
 def update(s: Settings, *, student, teacher, opt, rollouts: Rollouts, pad_id: int, epistemic_ids,
            step: int) -> dict:
-    """pi_old, then `mini_batches` optimizer steps on grpo_loss or sdpo_loss -> step logs. Each
-    micro-batch's loss (a mean over its sequences) is weighted by its share of the mini-batch, so
+    """pi_old, then `mini_batches` optimizer steps on grpo_loss or sdpo_loss -> step logs. The
+    first mini-batch's pi_old is its own forward's log-probs, detached (same weights, so the same
+    values: one forward fewer; the models have no dropout). Each micro-batch's loss (a mean over its sequences) is weighted by its share of the mini-batch, so
     the gradient is the per-sequence mean over the whole mini-batch whatever the micro-batching.
     Under torchrun each rank holds its share of every mini-batch (whole groups); FSDP averages
     the gradients over ranks, so the mean is the single-process one."""
     device, seqs, sdpo = epistemic_ids.device, rollouts.seqs, s.method == "sdpo"
-    old_rows = []  # log pi_old per sequence, before any update of this step
-    for a in range(0, len(seqs), s.micro_batch_size):
+    mb, logs, norms, k = len(seqs) // s.mini_batches, [], [], (s.topk if sdpo else None)
+    # log pi_old per sequence, before any update of this step: the first mini-batch's comes from
+    # its own student forward below (no optimizer step yet: the weights are pi_old's), the later
+    # mini-batches' from a no-grad forward now.
+    old_rows = [None] * mb
+    for a in range(mb, len(seqs), s.micro_batch_size):
         batch = pack_sequences(seqs[a:a + s.micro_batch_size], pad_id)
         ids, att, lab = (t.to(device) for t in batch)
         tok, _, _, _, m = token_stats(student, ids, att, lab, None, s.logit_chunk, grad=False)
         old_rows += list(tok.split(m.sum(1).tolist()))
-    log_ratio = [None if x.logprobs is None else o - torch.tensor(x.logprobs, device=device)
-                 for o, x in zip(old_rows, rollouts.samples)]  # log pi_old/pi_rollout (vLLM only)
-    correction = [None if r is None else torch.exp(r).clamp(max=s.rollout_is_clip)
-                  for r in log_ratio]
+    log_ratio = [None] * mb + rollout_log_ratio(old_rows[mb:], rollouts.samples[mb:])
     advantages = group_advantages(rollouts.rewards.view(-1, s.rollouts)).view(-1)  # (B'*n,)
     student.train()
-    mb, logs, norms, k = len(seqs) // s.mini_batches, [], [], (s.topk if sdpo else None)
     for start in range(0, len(seqs), mb):
         opt.zero_grad(set_to_none=True)
         for a in range(start, start + mb, s.micro_batch_size):
             sl = slice(a, min(a + s.micro_batch_size, start + mb))
             ids, att, lab = (t.to(device) for t in pack_sequences(seqs[sl], pad_id))
             tok, dist, ent, top_ids, mask = token_stats(student, ids, att, lab, k, s.logit_chunk)
+            if start == 0:  # pi_old = this forward's own log-probs, detached
+                old_rows[sl] = tok.detach().split(mask.sum(1).tolist())
+                log_ratio[sl] = rollout_log_ratio(old_rows[sl], rollouts.samples[sl])
             logp, old = to_padded(tok, mask), pad_rows(old_rows[sl], mask)  # (b, T)
             maskf = mask.float()  # (b, T)
-            weight = None if correction[a] is None else pad_rows(correction[sl], mask)  # (b, T)
+            weight = (None if log_ratio[a] is None else  # rollout correction (vLLM only)
+                      pad_rows([r.exp().clamp(max=s.rollout_is_clip) for r in log_ratio[sl]], mask))
             if not sdpo:
                 loss = grpo_loss(logp, old, advantages[sl].to(device), maskf, weight, s.clip_low,
                                  s.clip_high, s.dual_clip)
