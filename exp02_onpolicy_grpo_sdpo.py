@@ -276,10 +276,11 @@ def update(s: Settings, *, student, teacher, opt, rollouts: Rollouts, pad_id: in
            step: int) -> dict:
     """pi_old, then `mini_batches` optimizer steps on grpo_loss or sdpo_loss -> step logs. The
     first mini-batch's pi_old is its own forward's log-probs, detached (same weights, so the same
-    values: one forward fewer; the models have no dropout). Each micro-batch's loss (a mean over its sequences) is weighted by its share of the mini-batch, so
-    the gradient is the per-sequence mean over the whole mini-batch whatever the micro-batching.
-    Under torchrun each rank holds its share of every mini-batch (whole groups); FSDP averages
-    the gradients over ranks, so the mean is the single-process one."""
+    values: one forward fewer; the models have no dropout). Each micro-batch's loss (a mean over
+    its sequences) is weighted by its share of the mini-batch, so the gradient is the
+    per-sequence mean over the whole mini-batch whatever the micro-batching. Under torchrun each
+    rank holds its share of every mini-batch (whole groups); FSDP averages the gradients over
+    ranks, so the mean is the single-process one."""
     device, seqs, sdpo = epistemic_ids.device, rollouts.seqs, s.method == "sdpo"
     mb, logs, norms, k = len(seqs) // s.mini_batches, [], [], (s.topk if sdpo else None)
     # log pi_old per sequence, before any update of this step: the first mini-batch's comes from

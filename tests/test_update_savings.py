@@ -45,8 +45,8 @@ def test_first_mini_batch_pi_old_equals_a_separate_forward_before_the_step(metho
     model, tok = tiny_random_model()
     before = copy.deepcopy(model)
     rollouts = grouped_rollouts(with_logprobs=True)
-    s = e.Settings(method=method, rollouts=N, prompts_per_step=G, mini_batches=2, micro_batch_size=4,
-                   topk=8, logit_chunk=16, lr=1e-2)
+    s = e.Settings(method=method, rollouts=N, prompts_per_step=G, mini_batches=2,
+                   micro_batch_size=4, topk=8, logit_chunk=16, lr=1e-2)
     seen = []  # (old_logp, rollout_weight, mask) of each micro-batch, in order
     for name in ("grpo_loss", "sdpo_loss"):
         real = getattr(e, name)
