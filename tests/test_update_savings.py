@@ -62,8 +62,8 @@ def test_first_mini_batch_pi_old_equals_a_separate_forward_before_the_step(metho
              opt=opt, rollouts=rollouts, pad_id=tok.pad_token_id,
              epistemic_ids=torch.zeros(len(tok), dtype=torch.bool), step=1)
     assert len(seen) == 4  # micro-batches of 4 + 2 in each mini-batch of 6
-    ids, att, lab = loss_head.pack_sequences(rollouts.seqs, tok.pad_token_id)
-    want = loss_head.token_stats(before, ids, att, lab, None, 16, grad=False)[0]  # (N_tok,)
+    want = loss_head.token_stats(before, rollouts.seqs, tok.pad_token_id, None, 16,
+                                 grad=False)[0]  # (N_tok,)
     logprobs = torch.tensor([p for x in rollouts.samples for p in x.logprobs])  # (N_tok,)
     got_old = torch.cat([old[mask] for old, _, mask in seen])  # (N_tok,)
     got_weight = torch.cat([w[mask] for _, w, mask in seen])  # (N_tok,)
@@ -73,3 +73,104 @@ def test_first_mini_batch_pi_old_equals_a_separate_forward_before_the_step(metho
     moved = max((a - b).abs().max().item() for a, b in zip(model.parameters(),
                                                               before.parameters()))
     assert moved > 1e-4, "the step did not move the weights"
+
+
+def grouped_pairs() -> list[tuple[list[int], list[int]]]:
+    """Groups sharing a prompt, of unequal prompt lengths (as teacher prompts are), unequal
+    response lengths, and one sequence whose prompt nobody shares."""
+    g = torch.Generator().manual_seed(1)
+    rand = lambda n: torch.randint(3, 250, (n,), generator=g).tolist()  # noqa: E731
+    pairs = [(prompt, rand(2 + (3 * j + i) % 6)) for i, prompt in enumerate([rand(5), rand(12),
+                                                                              rand(8)])
+             for j in range(4)]
+    return pairs[:6] + [(rand(20), rand(3))] + pairs[6:]
+
+
+def stats(model, pairs, share: bool, monkeypatch, k=5, grad=True):
+    """token_stats on the shared-prefix path (share) or the plain one -> outputs, gradients."""
+    monkeypatch.setattr(loss_head, "prefix_sharing_pays", lambda *args: share)
+    model.zero_grad()
+    out = loss_head.token_stats(model, pairs, 0, k, chunk=7, grad=grad)
+    if not grad:
+        return out, []
+    w = torch.linspace(-1, 1, out[1].numel()).view(out[1].shape)  # (N, K)
+    ((out[0] * torch.linspace(0, 2, len(out[0]))).sum() + (out[1].exp() * w).sum()).backward()
+    return out, [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("k,grad", [(None, True), (0, True), (5, True), (5, False)])
+def test_shared_prefix_forward_equals_the_plain_forward(k, grad, monkeypatch):
+    """Each distinct prefix forwarded once, its K/V expanded to the sequences that share it:
+    the same token log-probs, top-k / full distributions, entropy, ids and mask as the plain
+    packed forward, and the same parameter gradients (to 1e-6 of their scale)."""
+    torch.manual_seed(0)
+    model, _ = tiny_random_model()
+    pairs = grouped_pairs()
+    assert loss_head.prefix_sharing_pays(model, pairs, grad)  # what token_stats would choose
+    (plain, g_plain), (shared, g_shared) = (stats(model, pairs, share, monkeypatch, k, grad)
+                                            for share in (False, True))
+    for a, b in zip(plain[:3], shared[:3]):  # log-probs, distributions, entropy
+        assert a.shape == b.shape and torch.allclose(a, b, atol=1e-6, rtol=1e-6)
+    assert (plain[3] is None and shared[3] is None) or torch.equal(plain[3], shared[3])
+    assert torch.equal(plain[4], shared[4])
+    scale = max(g.abs().max().item() for g in g_plain) if grad else 0
+    assert not grad or scale > 0.1
+    for a, b in zip(g_plain, g_shared):
+        assert torch.allclose(a, b, atol=1e-6 * scale)
+
+
+def test_prefix_sharing_forwards_fewer_positions_and_falls_back_where_the_cache_is_dropped(
+        monkeypatch):
+    """The shared path forwards U * Lp + B * Ls positions instead of B * T; under gradient
+    checkpointing in training (transformers drops the cache) the plain path runs, in eval
+    mode the shared one, and both give the plain values."""
+    torch.manual_seed(0)
+    model, _ = tiny_random_model()
+    pairs = grouped_pairs()
+    seen = []
+    model.model.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(kwargs["input_ids"].numel()), with_kwargs=True)
+    want = loss_head.token_stats(model, pairs, 0, 5, 7, grad=False)
+    T = max(len(p) + len(r) for p, r in pairs)
+    U_Lp, B_Ls = 4 * 19, len(pairs) * (1 + 7)  # 4 distinct prefixes (<= 19 tokens), <= 7 + 1
+    assert seen == [U_Lp, B_Ls] and U_Lp + B_Ls < len(pairs) * T
+    model.gradient_checkpointing_enable({"use_reentrant": False})
+    for train, shares in ((True, False), (False, True)):
+        model.train(train)
+        seen.clear()
+        assert loss_head.prefix_sharing_pays(model, pairs, True) == shares
+        got = loss_head.token_stats(model, pairs, 0, 5, 7)
+        assert len(seen) == (2 if shares else 1)
+        assert torch.allclose(got[0], want[0], atol=1e-6) and torch.equal(got[3], want[3])
+
+
+@pytest.mark.parametrize("method", ["grpo", "sdpo"])
+def test_update_with_shared_prefixes_equals_the_plain_update(method, monkeypatch):
+    """A whole update() (pi_old, student and teacher forwards) with shared prefixes moves the
+    weights as the plain forwards do (SGD: the new weights differ by lr x the gradients')."""
+    rollouts = grouped_rollouts(with_logprobs=True)
+    s = e.Settings(method=method, rollouts=N, prompts_per_step=G, mini_batches=2,
+                   micro_batch_size=6, topk=8, logit_chunk=16)
+    weights, logs, calls = [], [], []
+    real = loss_head.shared_prefix_hidden
+    for share in (False, True):
+        if not share:
+            monkeypatch.setattr(loss_head, "prefix_sharing_pays", lambda *args: False)
+        else:
+            monkeypatch.undo()
+            monkeypatch.setattr(loss_head, "shared_prefix_hidden",
+                                lambda *args: calls.append(1) or real(*args))
+        torch.manual_seed(0)
+        model, tok = tiny_random_model()
+        teacher = copy.deepcopy(model).eval() if method == "sdpo" else None
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)
+        epistemic_ids = torch.arange(len(tok)) % 7 == 0  # (V,) some tokens count as epistemic
+        logs.append(e.update(s, student=model, teacher=teacher, opt=opt, rollouts=rollouts,
+                             pad_id=tok.pad_token_id, epistemic_ids=epistemic_ids, step=1))
+        weights.append([p.detach().clone() for p in model.parameters()])
+    assert len(calls) == (5 if method == "sdpo" else 3)  # pi_old 1, student 2 (, teacher 2)
+    assert logs[0].keys() == logs[1].keys()
+    for key in logs[0]:
+        assert logs[1][key] == pytest.approx(logs[0][key], rel=1e-5, abs=1e-7), key
+    for a, b in zip(*weights):
+        assert torch.allclose(a, b, atol=1e-6)
