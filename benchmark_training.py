@@ -1,8 +1,9 @@
 """Benchmark exp02's update step and generation: tokens/s and model FLOPs utilisation (MFU).
 
 The model is built from a preset's architecture with random weights (no download); the update
-is exp02's own `update()` (pi_old forward, then forward + backward and the optimizer step; SDPO
-adds the teacher's forward) on a synthetic batch of fixed-length sequences.
+is exp02's own `update()` (one mini-batch: forward + backward, pi_old from that forward, and the
+optimizer step; SDPO adds the teacher's forward) on a synthetic batch of fixed-length sequences
+(distinct prompts: no shared-prefix forward).
 
     python benchmark_training.py --preset tiny-random --device cpu --threads 1 --peak-tflops 0.0784  # anywhere
     python benchmark_training.py --preset qwen3-1.7b --batch 8 --prompt-len 512 --response-len 7680  # one GPU, 8k tokens
@@ -123,7 +124,7 @@ def bench_update(args, method, student, teacher, data, pad, device) -> dict:
     seconds = sum(times[args.warmup:]) / args.steps
     seq = args.prompt_len + args.response_len
     tokens = args.batch * seq
-    flops = tokens * (flops_per_token(student, seq, train=False) + flops_per_token(student, seq, train=True))
+    flops = tokens * flops_per_token(student, seq, train=True)  # one mini-batch: pi_old = its own forward
     if method == "sdpo":
         t_seq = args.teacher_prompt_len + args.response_len
         flops += args.batch * t_seq * flops_per_token(student, t_seq, train=False)
