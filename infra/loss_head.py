@@ -105,7 +105,7 @@ def prefix_sharing_pays(model, pairs: list[tuple[list[int], list[int]]], grad: b
     layer's backward through its second forward finds its weights freed by the first's: FSDP2
     does not support two forwards before one backward), with sliding-window layers (their
     window is counted in cache slots, which the padded prefixes shift), or with a one-token
-    prompt (an empty prefix). Sharded, the ranks decide together (their forwards' collectives
+    prompt (an empty prefix: an attention row with nothing to attend to). Sharded, the ranks decide together (their forwards' collectives
     must match): all ranks share or none does."""
     config = model.config
     if (model.training and getattr(model, "is_gradient_checkpointing", False)
@@ -132,7 +132,9 @@ def shared_prefix_hidden(model, pairs, pad_id: int, device) -> torch.Tensor:
 
     Gradients reach the prefix forward through its K/V, summed over the sequences sharing it.
     Two forwards through the model: with grad, not for an FSDP2-sharded one (see
-    prefix_sharing_pays)."""
+    prefix_sharing_pays). Memory: every layer's prefix K/V (U x Lp positions) lives through the
+    suffix forward, where a plain no-grad forward holds one layer's at a time; with grad both
+    paths keep each layer's K/V for backward."""
     prefixes, owner = prefix_groups(pairs)
     owner = torch.tensor(owner)  # (B,)
     pre_ids, pre_att, _ = pack_sequences([(u, []) for u in prefixes], pad_id)  # (U, Lp)
