@@ -105,8 +105,8 @@ def prefix_sharing_pays(model, pairs: list[tuple[list[int], list[int]]], grad: b
     layer's backward through its second forward finds its weights freed by the first's: FSDP2
     does not support two forwards before one backward), with sliding-window layers (their
     window is counted in cache slots, which the padded prefixes shift), or with a one-token
-    prompt (an empty prefix: an attention row with nothing to attend to). Sharded, the ranks decide together (their forwards' collectives
-    must match): all ranks share or none does."""
+    prompt (an empty prefix: an attention row with nothing to attend to). Sharded, the ranks
+    decide together (their forwards' collectives must match): all ranks share or none does."""
     config = model.config
     if (model.training and getattr(model, "is_gradient_checkpointing", False)
             or grad and parallel.is_sharded(model)
