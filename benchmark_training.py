@@ -7,6 +7,10 @@
     python benchmark_training.py --preset qwen3-8b --layers 2 ...  # real width and vocabulary
     python benchmark_training.py loss-head --tokens 20480 --vocab 151936   # the loss head's memory
 
+`train` runs exp02's own `update()` with one mini-batch (forward + backward, pi_old from that
+forward, and the optimizer step; SDPO adds the teacher's forward) on distinct prompts (no
+shared-prefix forward).
+
 `stages`: the shipped toy model and real toy rollouts; each stage is exp02's own function
 (rollout, update, evaluate), timed as exp02 runs it; inside update() the calls of
 `infra.loss_head.token_stats` are timed and counted by role (pi_old, student, teacher), so the
@@ -156,8 +160,7 @@ def bench_update(args, method, student, teacher, data, pad, device) -> dict:
     seconds = sum(times[args.warmup:]) / args.steps
     seq = args.prompt_len + args.response_len
     tokens = args.batch * seq
-    flops = tokens * (flops_per_token(student, seq, train=False)
-                      + flops_per_token(student, seq, train=True))
+    flops = tokens * flops_per_token(student, seq, train=True)  # pi_old = its own forward
     if method == "sdpo":
         t_seq = args.teacher_prompt_len + args.response_len
         flops += args.batch * t_seq * flops_per_token(student, t_seq, train=False)
@@ -207,6 +210,15 @@ class CountingGenerator:
 
 
 @contextlib.contextmanager
+def forwarded_lengths(a: dict) -> list[int]:
+    """The lengths token_stats forwards for its bound arguments: each distinct prefix once and
+    [prompt[-1]] + response per sequence when the prefix is shared, else whole sequences."""
+    pairs = a["pairs"]
+    if loss_head.prefix_sharing_pays(a["model"], pairs, a["grad"]):
+        return [len(p) for p in loss_head.prefix_groups(pairs)[0]] + [1 + len(r) for _, r in pairs]
+    return [len(p) + len(r) for p, r in pairs]
+
+
 def timed_token_stats(teacher, calls: list, device: str):
     """Wrap infra.loss_head.token_stats, where exp02 looks it up, so that each call inside
     update() appends (role, seconds, sequence lengths): pi_old (the student without grad),
@@ -223,7 +235,7 @@ def timed_token_stats(teacher, calls: list, device: str):
         out = original(*args, **kwargs)
         sync(device)
         role = "student" if a["grad"] else "teacher" if a["model"] is teacher else "pi_old"
-        calls.append((role, time.perf_counter() - t0, a["attention_mask"].sum(1).tolist()))
+        calls.append((role, time.perf_counter() - t0, forwarded_lengths(a)))
         return out
 
     patched = [m for m in (exp02, loss_head) if getattr(m, "token_stats", None) is original]

@@ -49,8 +49,8 @@ import torch
 
 import common
 from infra import checkpoints, parallel, progress, run_dirs, tables, tracking
-from infra.loss_head import pack_sequences, pad_rows, to_padded, token_stats
-from infra.rollout import Sample, check_backend, make_generator
+from infra.loss_head import pad_rows, sequence_log_probs, to_padded, token_stats
+from infra.rollout import Sample, check_backend, log_ratio_to_engine, make_generator
 from infra.settings import Interrupted, arg, cli, parse_settings, world_defaults
 
 
@@ -277,43 +277,40 @@ def load_teacher(model: str, device: str, cuda: bool):
 
 def update(s: Settings, *, student, teacher, opt, rollouts: Rollouts, pad_id: int, epistemic_ids,
            step: int, type_names: tuple[str, ...] = ("all",)) -> dict:
-    """pi_old, then `mini_batches` optimizer steps on grpo_loss or sdpo_loss -> step logs. Each
-    micro-batch's loss (a mean over its sequences) is weighted by its share of the mini-batch, so
-    the gradient is the per-sequence mean over the whole mini-batch whatever the micro-batching.
-    Under torchrun each rank holds its share of every mini-batch (whole groups); FSDP averages
-    the gradients over ranks, so the mean is the single-process one."""
+    """pi_old, then `mini_batches` optimizer steps on grpo_loss or sdpo_loss -> step logs. The
+    first mini-batch's pi_old is its own forward's log-probs, detached (the same weights and no
+    dropout: the same values, one forward fewer). Each micro-batch's loss (a mean over its
+    sequences) is weighted by its share of the mini-batch, so the gradient is the per-sequence
+    mean over the whole mini-batch whatever the micro-batching. Under torchrun each rank holds
+    its share of every mini-batch (whole groups); FSDP averages the gradients over ranks, so
+    the mean is the single-process one."""
     device, seqs, sdpo = epistemic_ids.device, rollouts.seqs, s.method == "sdpo"
-    old_rows = []  # log pi_old per sequence, before any update of this step
-    for a in range(0, len(seqs), s.micro_batch_size):
-        batch = pack_sequences(seqs[a:a + s.micro_batch_size], pad_id)
-        ids, att, lab = (t.to(device) for t in batch)
-        tok, _, _, _, m = token_stats(student, ids, att, lab, None, s.logit_chunk, grad=False)
-        old_rows += list(tok.split(m.sum(1).tolist()))
-    log_ratio = [None if x.logprobs is None else o - torch.tensor(x.logprobs, device=device)
-                 for o, x in zip(old_rows, rollouts.samples)]  # log pi_old/pi_rollout (vLLM only)
-    correction = [None if r is None else torch.exp(r).clamp(max=s.rollout_is_clip)
-                  for r in log_ratio]
+    mb, logs, norms, k = len(seqs) // s.mini_batches, [], [], (s.topk if sdpo else None)
+    # log pi_old per sequence before any optimizer step: mini-batch 1's from its own forward below
+    old_rows = [None] * mb + sequence_log_probs(student, seqs[mb:], pad_id, s.logit_chunk,
+                                                s.micro_batch_size)
+    log_ratio = [None] * mb + log_ratio_to_engine(old_rows[mb:], rollouts.samples[mb:])  # vLLM
     advantages = group_advantages(rollouts.rewards.view(-1, s.rollouts)).view(-1)  # (B'*n,)
     student.train()
-    mb, logs, norms, k = len(seqs) // s.mini_batches, [], [], (s.topk if sdpo else None)
     for start in range(0, len(seqs), mb):
         opt.zero_grad(set_to_none=True)
         for a in range(start, start + mb, s.micro_batch_size):
             sl = slice(a, min(a + s.micro_batch_size, start + mb))
-            ids, att, lab = (t.to(device) for t in pack_sequences(seqs[sl], pad_id))
-            tok, dist, ent, top_ids, mask = token_stats(student, ids, att, lab, k, s.logit_chunk)
+            tok, dist, ent, top_ids, mask = token_stats(student, seqs[sl], pad_id, k, s.logit_chunk)
             grad_norms = watch_grad_norm(dist if sdpo else tok)  # filled by backward()
+            if start == 0:  # pi_old = this forward's own log-probs, detached
+                old_rows[sl] = tok.detach().split(mask.sum(1).tolist())
+                log_ratio[sl] = log_ratio_to_engine(old_rows[sl], rollouts.samples[sl])
             logp, old = to_padded(tok, mask), pad_rows(old_rows[sl], mask)  # (b, T)
             maskf = mask.float()  # (b, T)
-            weight = None if correction[a] is None else pad_rows(correction[sl], mask)  # (b, T)
+            weight = (None if log_ratio[a] is None else  # rollout correction (vLLM only)
+                      pad_rows([r.exp().clamp(max=s.rollout_is_clip) for r in log_ratio[sl]], mask))
             if not sdpo:
                 loss = grpo_loss(logp, old, advantages[sl].to(device), maskf, weight, s.clip_low,
                                  s.clip_high, s.dual_clip)
                 div = None
             else:
-                t_batch = pack_sequences(rollouts.teacher_seqs[sl], pad_id)
-                t_ids, t_att, t_lab = (t.to(device) for t in t_batch)
-                t_dist = token_stats(teacher, t_ids, t_att, t_lab, k, s.logit_chunk,
+                t_dist = token_stats(teacher, rollouts.teacher_seqs[sl], pad_id, k, s.logit_chunk,
                                      topk_ids=top_ids, grad=False)[1]
                 loss, div = sdpo_loss(to_padded(dist, mask), to_padded(t_dist, mask), logp, old,
                                       maskf, rollouts.has_demo[sl].to(device), s.alpha, s.is_clip,
@@ -325,10 +322,10 @@ def update(s: Settings, *, student, teacher, opt, rollouts: Rollouts, pad_id: in
             (loss * (sl.stop - sl.start) / mb).backward()  # weight = the micro-batch's share
             types = (torch.tensor([t for row in rollouts.token_types[sl] for t in row])
                      if rollouts.token_types else torch.zeros(len(tok), dtype=torch.long))  # (N,)
-            logs.append(dict(token_logs(loss, ent, mask, div, ids, epistemic_ids,
-                                        rollouts.has_demo[sl] if sdpo else None),
-                             **token_type_logs(types, mask, div, grad_norms[0], type_names,
-                                               rollouts.has_demo[sl] if sdpo else None)))
+            demo = rollouts.has_demo[sl] if sdpo else None
+            logs.append(dict(token_logs(loss, ent, mask, div, [r for _, r in seqs[sl]],
+                                        epistemic_ids, demo),
+                             **token_type_logs(types, mask, div, grad_norms[0], type_names, demo)))
         norm = torch.nn.utils.clip_grad_norm_(student.parameters(), s.grad_clip)
         norms.append(parallel.full_tensor(norm))
         if not torch.isfinite(norms[-1]):
@@ -364,11 +361,12 @@ def step_metrics(r: Rollouts, logs: dict, lr: float) -> dict:
             **{f"train/{k}": v for k, v in epistemic.items() if k.startswith("epistemic")}}
 
 
-def token_logs(loss, entropy, mask, div, ids, epistemic_ids, has_demo) -> dict:
+def token_logs(loss, entropy, mask, div, responses, epistemic_ids, has_demo) -> dict:
     """Loss, mean token entropy and (SDPO) the divergence on epistemic vs other tokens."""
     out = {"loss": loss.item(), "entropy": entropy.mean().item()}
     if div is not None:
-        tokens = ids[:, 1:]  # (B, T-1) the response token at each scored position
+        flat = torch.tensor([x for r in responses for x in r], device=mask.device)  # (N,)
+        tokens = to_padded(flat, mask)  # (B, T-1) the response token at each scored position
         live = mask & (has_demo[:, None].to(mask.device) > 0)  # (B, T-1)
         epi = epistemic_ids[tokens] & live
         out["sdpo/divergence_epistemic"] = (div[epi].sum().item(), epi.sum().item())

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 import torch.utils.checkpoint
+from transformers.cache_utils import Cache, DynamicLayer
 
 from infra import parallel
 
@@ -52,12 +53,13 @@ def _chunk_stats(h, weight, targets, k, ids):
     return tok, logp.gather(-1, ids), entropy, ids
 
 
-def last_hidden_state(model, input_ids, attention_mask) -> torch.Tensor:
+def last_hidden_state(model, input_ids, attention_mask, **kwargs) -> torch.Tensor:
     """The decoder's final-norm hidden states (B, T, H). The root forward runs (not model.model
     alone) so that FSDP gathers the root's weights (embeddings, norm, head), with logits of the
     last position only; a hook on the decoder takes its output, so no layer's states are kept
     beyond the last (output_hidden_states would keep all of them: ~6.5 GB per 21.5k-token
-    sequence at 8B in the teacher's no-grad forward)."""
+    sequence at 8B in the teacher's no-grad forward). `kwargs` go to the forward (default
+    use_cache=False)."""
     box = []
 
     def take(module, args, out):
@@ -65,30 +67,116 @@ def last_hidden_state(model, input_ids, attention_mask) -> torch.Tensor:
 
     handle = model.model.register_forward_hook(take)
     try:
-        model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1, use_cache=False)
+        model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1,
+              **{"use_cache": False, **kwargs})
     finally:
         handle.remove()
     return box[0]
 
 
+class SharedPrefixLayer(DynamicLayer):
+    """One decoder layer's cache for shared_prefix_hidden: the prefix forward stores the K/V of
+    the U distinct prefixes (U, heads, Lp, d) as a DynamicLayer does; once `owner` (B,) maps
+    each sequence to its prefix, update() returns [its prefix's K/V ; the new K/V] and stores
+    nothing, so only one layer's expanded copy exists at a time (no-grad forwards)."""
+
+    owner = None
+
+    def update(self, keys, values, *args, **kwargs):
+        if self.owner is None:
+            return super().update(keys, values, *args, **kwargs)
+        return (torch.cat([self.keys[self.owner], keys], dim=-2),  # (B, heads, Lp + Ls, d)
+                torch.cat([self.values[self.owner], values], dim=-2))
+
+
+def prefix_groups(pairs: list[tuple[list[int], list[int]]]) -> tuple[list[list[int]], list[int]]:
+    """The distinct prefixes prompt[:-1] in order of first use, and each sequence's index into
+    them. The prompt's last token is not in the prefix: its position predicts the response's
+    first token, so it is forwarded with the response."""
+    index = {}
+    owner = [index.setdefault(tuple(p[:-1]), len(index)) for p, _ in pairs]
+    return [list(u) for u in index], owner
+
+
+def prefix_sharing_pays(model, pairs: list[tuple[list[int], list[int]]], grad: bool) -> bool:
+    """Whether shared_prefix_hidden can run and forwards fewer positions than the plain packed
+    forward: U * Lp + B * Ls < B * T. It cannot under gradient checkpointing in training
+    (transformers then drops the cache in each layer), on an FSDP2-sharded model with grad (a
+    layer's backward through its second forward finds its weights freed by the first's: FSDP2
+    does not support two forwards before one backward), with sliding-window layers (their
+    window is counted in cache slots, which the padded prefixes shift), or with a one-token
+    prompt (an empty prefix: an attention row with nothing to attend to). Sharded, the ranks
+    decide together (their forwards' collectives must match): all ranks share or none does."""
+    config = model.config
+    if (model.training and getattr(model, "is_gradient_checkpointing", False)
+            or grad and parallel.is_sharded(model)
+            or any(t != "full_attention" for t in getattr(config, "layer_types", None) or [])):
+        return False
+    prefixes, _ = prefix_groups(pairs)
+    suffix = 1 + max(len(r) for _, r in pairs)
+    shared = len(prefixes) * max(map(len, prefixes)) + len(pairs) * suffix
+    pays = (min(len(p) for p, _ in pairs) >= 2
+            and shared < len(pairs) * max(len(p) + len(r) for p, r in pairs))
+    return all(parallel.gather_objects(pays)) if parallel.is_sharded(model) else pays
+
+
+def shared_prefix_hidden(model, pairs, pad_id: int, device) -> torch.Tensor:
+    """The final hidden states (N, H) at the positions that predict the response tokens
+    (row-major, as token_stats orders them), forwarding each distinct prefix once ("Prefix
+    Grouper", arXiv 2506.05433: the same values and gradients as the plain forward):
+
+        prefix_u = prompt[:-1]  (U distinct),   suffix_i = [prompt_i[-1]] + response_i
+        K/V_u    = f(prefix_u)                  right-padded (U, Lp), positions 0, 1, ...
+        h_i      = f(suffix_i | K/V_u(i))       (B, Ls), positions |prefix_i| + t, each attending
+                                                to [prefix_u(i) ; suffix_i[:t+1]] (pads masked)
+
+    Gradients reach the prefix forward through its K/V, summed over the sequences sharing it.
+    Two forwards through the model: with grad, not for an FSDP2-sharded one (see
+    prefix_sharing_pays). Memory: every layer's prefix K/V (U x Lp positions) lives through the
+    suffix forward, where a plain no-grad forward holds one layer's at a time; with grad both
+    paths keep each layer's K/V for backward."""
+    prefixes, owner = prefix_groups(pairs)
+    owner = torch.tensor(owner)  # (B,)
+    pre_ids, pre_att, _ = pack_sequences([(u, []) for u in prefixes], pad_id)  # (U, Lp)
+    suf_ids, suf_att, suf_lab = pack_sequences([(p[-1:], r) for p, r in pairs], pad_id)  # (B, Ls)
+    positions = pre_att.sum(1)[owner][:, None] + torch.arange(suf_ids.shape[1])  # (B, Ls)
+    att = torch.cat([pre_att[owner], suf_att], dim=1)  # (B, Lp + Ls)
+    cache = Cache(layers=[SharedPrefixLayer() for _ in range(model.config.num_hidden_layers)])
+    model(input_ids=pre_ids.to(device), attention_mask=pre_att.to(device), past_key_values=cache,
+          use_cache=True, logits_to_keep=1)
+    for layer in cache.layers:
+        layer.owner = owner.to(device)
+    hidden = last_hidden_state(model, suf_ids.to(device), att.to(device),
+                               position_ids=positions.to(device), past_key_values=cache,
+                               use_cache=True)  # (B, Ls, H)
+    return hidden[:, :-1][suf_lab[:, 1:].to(device) != -100]  # (N, H)
+
+
 def token_stats(
     model,
-    input_ids,
-    attention_mask,
-    labels,
+    pairs: list[tuple[list[int], list[int]]],
+    pad_id: int,
     k: int | None,
     chunk: int,
     topk_ids=None,
     grad: bool = True,
 ):
-    """For the N response tokens (row-major): log-prob of each token, the distribution over the
-    top-k ids (the student's own when topk_ids is None, else the given ids; k = 0: the full
-    vocabulary; k = None: none), entropy, the ids, and the (B, T-1) mask of response positions.
-    With grad, each chunk is recomputed in backward (checkpoint), so only (N, K) is kept."""
+    """For the N response tokens of [(prompt ids, response ids)] (row-major): log-prob of each
+    token, the distribution over the top-k ids (the student's own when topk_ids is None, else
+    the given ids; k = 0: the full vocabulary; k = None: none), entropy, the ids, and the
+    (B, T-1) mask of response positions of the packed batch (pack_sequences). Sequences that
+    share a prompt share its forward where that forwards fewer positions (shared_prefix_hidden;
+    the same values). With grad, each chunk is recomputed in backward (checkpoint), so only
+    (N, K) is kept."""
+    device = next(model.parameters()).device
+    ids, att, labels = (t.to(device) for t in pack_sequences(pairs, pad_id))  # (B, T) each
     targets = labels[:, 1:]  # (B, T-1) position p predicts token p+1
     mask = targets != -100  # (B, T-1)
-    with torch.set_grad_enabled(grad), parallel.bf16_compute(input_ids.device):
-        hidden = last_hidden_state(model, input_ids, attention_mask)[:, :-1][mask]  # (N, H)
+    with torch.set_grad_enabled(grad), parallel.bf16_compute(device):
+        if prefix_sharing_pays(model, pairs, grad):
+            hidden = shared_prefix_hidden(model, pairs, pad_id, device)  # (N, H)
+        else:
+            hidden = last_hidden_state(model, ids, att)[:, :-1][mask]  # (N, H)
         weight, tgt = model.get_output_embeddings().weight, targets[mask]  # (V, H), (N,)
         outs = []
         for a in range(0, len(hidden), chunk):
@@ -104,6 +192,17 @@ def token_stats(
     tok, dist, entropy = (torch.cat([o[i] for o in outs]) for i in range(3))
     ids = torch.cat([o[3] for o in outs]) if k else None
     return tok, dist, entropy, ids, mask
+
+
+def sequence_log_probs(model, pairs, pad_id: int, chunk: int, micro_batch: int) -> list:
+    """Each sequence's response-token log-probs (its own (len(response),) tensor), no grad, in
+    micro-batches of `micro_batch` sequences."""
+    rows = []
+    for a in range(0, len(pairs), micro_batch):
+        tok, _, _, _, mask = token_stats(model, pairs[a:a + micro_batch], pad_id, None, chunk,
+                                         grad=False)
+        rows += list(tok.split(mask.sum(1).tolist()))
+    return rows
 
 
 def to_padded(flat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -168,13 +168,18 @@ def shard_model(model, mixed_precision: bool) -> None:
     fully_shard(model, mp_policy=mp_policy)
 
 
+def is_sharded(model) -> bool:
+    """Whether shard_model sharded this model (FSDP2)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
 def reshard(model) -> None:
     """Free an FSDP2 root's gathered parameters after a no-grad forward: the root keeps them after
     its forward (so that the loss head can use the output embedding outside the module), and only
     a backward frees them otherwise. Not sharded: nothing."""
-    from torch.distributed.fsdp import FSDPModule
-
-    if isinstance(model, FSDPModule):
+    if is_sharded(model):
         model.reshard()
 
 

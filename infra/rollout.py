@@ -23,6 +23,13 @@ class Sample:
     logprobs: list[float] | None = None  # the rollout engine's log-prob of each token (vLLM only)
 
 
+def log_ratio_to_engine(log_probs: list[torch.Tensor], samples: list[Sample]) -> list:
+    """log p_trainer(y_t) - log p_engine(y_t) per sample, from the log-probs the engine returned
+    (vLLM); None for a sample without them (transformers samples from the trainer's weights)."""
+    return [None if x.logprobs is None else lp - torch.tensor(x.logprobs, device=lp.device)
+            for lp, x in zip(log_probs, samples)]
+
+
 class HFGenerator:
     """transformers `generate` (CPU or GPU) over left-padded batches. It samples from the trainer's
     own module, so its weights are always current (`sleep` and `load_weights` do nothing)."""

@@ -126,11 +126,12 @@ def test_ema_rate_zero_leaves_teacher_bit_identical():
 
 def test_chunked_token_stats_equal_unchunked_with_gradients():
     model, tok, _ = common.load_model(TINY)
-    ids, att, lab = loss_head.pack_sequences([([1, 2, 3], [4, 5, 6, 7]), ([8], [9, 10])], tok.pad_token_id)
+    pairs = [([1, 2, 3], [4, 5, 6, 7]), ([8], [9, 10])]
+    ids, att, lab = loss_head.pack_sequences(pairs, tok.pad_token_id)
     results = []
     for chunk in (2, 1000):
         model.zero_grad()
-        t, d, ent, top, mask = loss_head.token_stats(model, ids, att, lab, 5, chunk)
+        t, d, ent, top, mask = loss_head.token_stats(model, pairs, tok.pad_token_id, 5, chunk)
         (t.sum() + d.exp().sum()).backward()
         results.append((t.detach(), d.detach(), top, model.model.embed_tokens.weight.grad.clone()))
     (t1, d1, i1, g1), (t2, d2, i2, g2) = results

@@ -32,13 +32,17 @@ SETTINGS = e.Settings(model=TINY, prompts_per_step=B, rollouts=N_ROLLOUTS, mini_
 
 def synthetic_data(pad: int) -> dict:
     """A fixed batch as collect() returns it, with rollout-engine log-probs (as from vLLM) so that
-    the rollout correction and the log-prob gap are exercised too."""
+    the rollout correction and the log-prob gap are exercised too. A group's samples share their
+    prompt (and, but for the last group, their teacher prompt), so the loss head's shared-prefix
+    forward runs under FSDP2 too."""
     g = torch.Generator().manual_seed(0)
     seqs, teacher_seqs, flat = [], [], []
     for i in range(B * N_ROLLOUTS):
-        prompt = torch.randint(3, 250, (3 + i % 3,), generator=g).tolist()
+        if i % N_ROLLOUTS == 0:
+            prompt = torch.randint(3, 250, (8 + 3 * (i % 3),), generator=g).tolist()
         response = torch.randint(3, 250, (4 + i % 4,), generator=g).tolist()
-        teacher_prompt = torch.randint(3, 250, (6,), generator=g).tolist()
+        if i % N_ROLLOUTS == 0 or i >= (B - 1) * N_ROLLOUTS:
+            teacher_prompt = torch.randint(3, 250, (14 + i % 5,), generator=g).tolist()
         seqs.append((prompt, response))
         teacher_seqs.append((teacher_prompt, response))
         logprobs = (-2.0 + 0.3 * torch.randn(len(response), generator=g)).tolist()
@@ -122,6 +126,9 @@ def torchrun(args: list[str], timeout: int = 240) -> str:
 
 @pytest.mark.slow
 def test_fsdp2_two_process_update_equals_single_process(tmp_path):
+    data, model = synthetic_data(0), tiny.tiny_random_model()[0].eval()  # the teacher shares
+    assert [loss_head.prefix_sharing_pays(model, data["teacher_seqs"][i:i + 2], False)  # prefixes
+            for i in range(0, 8, 2)] == [True, True, True, False]  # on one rank, not the other
     out = tmp_path / "sharded.pt"
     torchrun([__file__, str(out)])
     sharded = torch.load(out, weights_only=False)
