@@ -211,7 +211,7 @@ def test_figures_from_a_tree_holding_only_exp02(tmp_path, capsys):
                      sdpo=arm != "grpo")
     assert mf.main(["--results", str(runs)]) == 0
     out = capsys.readouterr().out
-    assert {p.stem for p in (runs / "figures").glob("*.png")} == {"exp02_onpolicy"}
+    assert {p.stem for p in (runs / "figures").glob("*.png")} == {"exp02_onpolicy", "exp02_failures"}
     for name in ("exp01", "exp03", "exp04"):
         assert f"not plotted: {name}" in out and f"--out-dir {runs}/{name}" in out
     assert "results/" not in out.replace(str(tmp_path), "")
