@@ -209,7 +209,6 @@ class CountingGenerator:
         return getattr(self.generator, name)
 
 
-@contextlib.contextmanager
 def forwarded_lengths(a: dict) -> list[int]:
     """The lengths token_stats forwards for its bound arguments: each distinct prefix once and
     [prompt[-1]] + response per sequence when the prefix is shared, else whole sequences."""
@@ -219,6 +218,7 @@ def forwarded_lengths(a: dict) -> list[int]:
     return [len(p) + len(r) for p, r in pairs]
 
 
+@contextlib.contextmanager
 def timed_token_stats(teacher, calls: list, device: str):
     """Wrap infra.loss_head.token_stats, where exp02 looks it up, so that each call inside
     update() appends (role, seconds, sequence lengths): pi_old (the student without grad),
