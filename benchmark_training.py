@@ -83,7 +83,7 @@ PEAK_GFLOPS_PER_CORE = 32 * 2.45
 # exp04 (3 coverages x 3 seeds); SDPO = exp02 c = s and c = s\think, exp03 (3 teachers), exp04
 # (3 coverages) and the drop-hedge control, each x 3 seeds. exp01 and the control's continued
 # pretraining are not exp02 steps (README: ~7 min and 691 s).
-TOY_RUNS = {"grpo": 3 + 9, "sdpo": 6 + 9 + 9 + 3}
+TOY_RUNS = {"grpo": 3 + 9, "sdpo": 6 + 6 + 9 + 9}  # exp02, exp03 (tau > 0), exp04, 3 controls
 TRL_MISSING = ("trl is not installed: the TRL side-by-side needs it, outside requirements.txt "
                "(README \"Benchmarks\": a separate venv with pip install trl)")
 
@@ -357,12 +357,16 @@ def reproduction_estimate(s, grpo_step_s: float, sdpo_step_s: float, eval_s: flo
     """The on-policy part of reproduce_toy.sh from the measured stages: runs x steps x step time
     + runs x evaluations per run x evaluation time, serial at this thread count."""
     runs, evals = TOY_RUNS, evaluations_per_run(s)
+    full = 2 + (evals - 2) * (min(s.eval_subset, s.eval_n) / s.eval_n if s.eval_subset else 1)
     train = s.steps * (runs["grpo"] * grpo_step_s + runs["sdpo"] * sdpo_step_s)
-    evaluation = sum(runs.values()) * evals * eval_s
+    evaluation = sum(runs.values()) * full * eval_s
     return {"formula": "(grpo_runs x grpo_step_s + sdpo_runs x sdpo_step_s) x steps"
-                       " + (grpo_runs + sdpo_runs) x evals_per_run x eval_s",
+                       " + (grpo_runs + sdpo_runs) x full_evaluations_per_run x eval_s (the"
+                       " first and last evaluations use every problem, those between"
+                       " eval_subset of eval_n)",
             "grpo_runs": runs["grpo"], "sdpo_runs": runs["sdpo"], "steps": s.steps,
-            "evals_per_run": evals, "train_s": train, "evaluation_s": evaluation,
+            "evals_per_run": evals, "full_evaluations_per_run": full, "train_s": train,
+            "evaluation_s": evaluation,
             "total_s": train + evaluation,
             "not_counted": "exp01, the control's pretraining, model loads, checkpoints, logging"}
 

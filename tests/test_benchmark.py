@@ -52,10 +52,12 @@ def test_every_stage_is_timed_with_its_work(stages):
             assert row["gflop"] == 0 and row["share_of_peak"] is None
         else:
             assert row["tokens"] > 0 and 0 < row["share_of_peak"] <= 1, (name, row)
-    # every student sequence is scored once per update by pi_old, the student and the teacher
+    # the student scores every sequence once per update (a shared prompt forwarded once: fewer
+    # positions than the rollouts' tokens), pi_old only mini-batch 2's (1's is the student's own)
     tokens = rows["rollouts"]["tokens"]
-    assert rows["pi_old"]["tokens"] == rows["grpo_update"]["tokens"] == tokens
-    assert rows["sdpo_update"]["tokens"] == tokens and rows["sdpo_teacher"]["tokens"] >= tokens
+    assert 0 < rows["pi_old"]["tokens"] < rows["grpo_update"]["tokens"] <= tokens
+    assert rows["sdpo_update"]["tokens"] == rows["grpo_update"]["tokens"]
+    assert rows["sdpo_teacher"]["tokens"] > 0
     assert result["token_stats_calls"]["grpo"]["teacher"] == 0
     assert min(result["token_stats_calls"]["sdpo"].values()) >= 1
 
@@ -69,9 +71,10 @@ def test_steps_are_sums_and_the_estimate_follows_its_formula(stages):
             assert totals[step][key] == pytest.approx(sum(rows[p][key] for p in parts))
         assert 0 < totals[step]["share_of_peak"] <= 1
     e = result["toy_reproduction_estimate"]
-    assert (e["grpo_runs"], e["sdpo_runs"], e["steps"], e["evals_per_run"]) == (12, 27, 60, 4)
-    expected = (60 * (12 * totals["grpo_step"]["seconds"] + 27 * totals["sdpo_step"]["seconds"])
-                + 39 * 4 * rows["evaluation"]["seconds"])
+    assert (e["grpo_runs"], e["sdpo_runs"], e["steps"], e["evals_per_run"]) == (12, 30, 60, 13)
+    assert 2 <= e["full_evaluations_per_run"] <= 13
+    expected = (60 * (12 * totals["grpo_step"]["seconds"] + 30 * totals["sdpo_step"]["seconds"])
+                + 42 * e["full_evaluations_per_run"] * rows["evaluation"]["seconds"])
     assert e["total_s"] == pytest.approx(expected)
     for row in [*rows.values(), *totals.values()]:
         assert row["stage"] in table
@@ -80,16 +83,20 @@ def test_steps_are_sums_and_the_estimate_follows_its_formula(stages):
 def test_token_stats_timer_keys_calls_by_role_and_restores():
     model = common.load_model("toy", device="cpu", dtype=torch.float32)[0]
     teacher = common.load_model("toy", device="cpu", dtype=torch.float32)[0]
-    ids, att, lab = loss_head.pack_sequences([([2, 3], [4, 5, 1]), ([2], [4])], pad_id=0)
+    pairs = [([2, 3], [4, 5, 1]), ([2], [4])]  # a one-token prompt: the plain forward
     calls, original = [], loss_head.token_stats
     with bench.timed_token_stats(teacher, calls, "cpu"):
         assert exp02.token_stats is not original
-        exp02.token_stats(model, ids, att, lab, None, 2048, grad=False)
-        exp02.token_stats(model, ids, att, lab, 0, 2048)
-        exp02.token_stats(teacher, ids, att, lab, 0, 2048, None, False)  # grad by position
+        exp02.token_stats(model, pairs, 0, None, 2048, grad=False)
+        exp02.token_stats(model, pairs, 0, 0, 2048)
+        exp02.token_stats(teacher, pairs, 0, 0, 2048, None, False)  # grad by position
     assert exp02.token_stats is original and loss_head.token_stats is original
     assert [(role, lengths) for role, _, lengths in calls] == [
         ("pi_old", [5, 2]), ("student", [5, 2]), ("teacher", [5, 2])]
+    shared = [([2, 3, 6], [4, 5, 1]), ([2, 3, 6], [4])]  # one prefix [2, 3], forwarded once
+    with bench.timed_token_stats(teacher, calls, "cpu"):
+        exp02.token_stats(model, shared, 0, None, 2048, grad=False)
+    assert calls[-1][2] == [2, 4, 2]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("trl") is not None, reason="trl is installed here")
