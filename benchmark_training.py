@@ -445,7 +445,8 @@ def stage_table(result: dict) -> str:
     lines += ["", f"Toy reproduction, on-policy part (serial at this thread count): "
               f"{e['formula']} = ({e['grpo_runs']} x {result['totals']['grpo_step']['seconds']:.2f}"
               f" + {e['sdpo_runs']} x {result['totals']['sdpo_step']['seconds']:.2f}) x "
-              f"{e['steps']} + {e['grpo_runs'] + e['sdpo_runs']} x {e['evals_per_run']} x "
+              f"{e['steps']} + {e['grpo_runs'] + e['sdpo_runs']} x "
+              f"{e['full_evaluations_per_run']:.2f} x "
               f"{result['stages']['evaluation']['seconds']:.2f} = {e['total_s']:.0f} s "
               f"({e['total_s'] / 60:.1f} min); not counted: {e['not_counted']}."]
     return "\n".join(lines)
