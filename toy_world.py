@@ -230,10 +230,10 @@ def failure_class(problem: dict, response: str, finish_reason: str, correct: boo
     steps = [(u, v) for p in paths for u, v in zip([start] + p, p)]
     if any(v not in succ.get(u, []) for u, v in steps):
         return "invalid_edge"
-    firsts = [p[0] for p in paths]
+    firsts = [p[0] for p in paths if p]  # a segment of the start node alone walks no arm
     if len(set(firsts)) < len(firsts):
         return "repeated_arm"
-    return "misread" if any(p[-1] == target for p in paths) else "wrong_commit"
+    return "misread" if any(p and p[-1] == target for p in paths) else "wrong_commit"
 
 
 def token_types(tokens: list[str]) -> list[str]:

@@ -107,6 +107,8 @@ def test_verifier_and_failure_classes_on_hand_written_responses():
     assert failure(g, skip) == "invalid_edge"  # a skipped node is a step not in the graph
     jump = f"<think> {wrong[0][1]} {wrong[0][2]} </think> answer {wrong[0][0]}"
     assert failure(g, jump) == "invalid_edge"  # a walk that does not open at the start node
+    stub = f"<think> {g.start} the wait {walk(wrong[0])} </think> answer {wrong[0][0]}"
+    assert failure(g, stub) == "wrong_commit"  # a segment of the start node alone: no arm
     filler = f"<think> the {walk(wrong[0])} the wait the {walk(goal)} </think> answer {g.answer}"
     assert failure(g, filler) == "correct"
     with_filler = f"<think> {g.start} the maybe {wrong[0][0]} the {' '.join(wrong[0][1:])} wait "
