@@ -61,9 +61,9 @@ def test_epistemic_ids_cover_every_row_of_a_head_larger_than_the_tokenizer():
     assert rows > len(tok) and ids.shape == (rows,)
     assert ids[tok.convert_tokens_to_ids("maybe")] and not ids[len(tok):].any()
     maybe = tok.convert_tokens_to_ids("maybe")
-    tokens = torch.tensor([[0, rows - 1, maybe]])  # rows - 1: an id past the tokenizer
+    responses = [[rows - 1, maybe]]  # rows - 1: an id past the tokenizer
     mask, ones = torch.ones(1, 2, dtype=torch.bool), torch.ones(1, 2)
-    logs = e.token_logs(torch.tensor(1.0), ones, mask, ones, tokens, ids, torch.ones(1))
+    logs = e.token_logs(torch.tensor(1.0), ones, mask, ones, responses, ids, torch.ones(1))
     assert logs["sdpo/divergence_epistemic"] == (1.0, 1)
     assert logs["sdpo/divergence_other"] == (1.0, 1)
 
