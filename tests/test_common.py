@@ -66,6 +66,34 @@ def test_generation_is_seeded_and_reports_finish_reasons():
         rollout.make_generator(model, tok, backend="tpu")
 
 
+def test_decode_matches_transformers_generate_and_shares_the_prompt():
+    """Our decoding loop (one prefill per prompt, stopped rows dropped) against transformers
+    `generate` on the toy model: the same greedy tokens for prompts of different lengths (left
+    padding) and rows that stop at different steps; top-k 1 sampling is greedy; n samples of a
+    prompt are the same greedy row n times."""
+    import toy_world
+    from transformers import GenerationConfig
+
+    model, tok, preset = common.load_model("toy")
+    problems = [p for cell in ("in_domain", "ood_d5", "ood_l5")
+                for p in toy_world.evaluation_sets(12)[cell]]
+    prompts = [common.prompt_ids(tok, p["prompt"], preset["thinking"]) for p in problems]
+    assert len(set(map(len, prompts))) == 3
+    gen = rollout.HFGenerator(model, tok)
+    ours = [g[0].token_ids for g in gen.generate(prompts, temperature=0.0, max_tokens=40)]
+    ids, mask = rollout.left_pad(prompts, tok.pad_token_id)
+    config = GenerationConfig(do_sample=False, max_new_tokens=40, eos_token_id=tok.eos_token_id,
+                              pad_token_id=tok.pad_token_id)
+    with torch.no_grad():
+        theirs = model.generate(input_ids=ids, attention_mask=mask,
+                                generation_config=config)[:, ids.shape[1]:].tolist()
+    theirs = [x[:x.index(tok.eos_token_id) + 1] if tok.eos_token_id in x else x for x in theirs]
+    assert ours == theirs
+    assert len({len(x) for x in ours}) > 3  # rows stopped at different steps
+    top1 = gen.generate(prompts, n=2, temperature=1.0, top_k=1, max_tokens=40, seed=3)
+    assert [[s.token_ids for s in g] for g in top1] == [[x, x] for x in ours]
+
+
 def test_tiny_random_integration_prompt_generate_grade_metrics():
     model, tok, preset = common.load_model(TINY)
     gen = rollout.make_generator(model, tok, backend="hf")
