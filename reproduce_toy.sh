@@ -30,12 +30,14 @@ control() {  # one control: its base (shipped; rebuilt when missing), then SDPO 
       --teacher-context s --out-dir "$R/controls/$1/exp02" "${@:2}"
 }
 
-# name|command, longest first; exp03 last (its tau = 0 arm is exp02's finished run, copied).
+# name|command, longest first (exp04: six runs per seed; the filler control's responses are the
+# longest); exp03 last: its tau = 0 arm is exp02's finished run, copied.
 JOBS=()
-for k in 0 1 2; do JOBS+=("exp02_seed$k|$PY $EXP02 --seeds $k $RUN"); done
 for k in 0 1 2; do JOBS+=("exp04_seed$k|$PY $EXP04 --seeds $k $RUN"); done
-for c in $CONTROLS; do JOBS+=("control_$c|control $c --seeds 0,1,2 $RUN"); done
+JOBS+=("control_filler|control filler --seeds 0,1,2 $RUN")
 JOBS+=("exp01|$PY exp01_offpolicy.py --seeds 0,1,2 $RUN --out-dir $R/exp01")
+for k in 0 1 2; do JOBS+=("exp02_seed$k|$PY $EXP02 --seeds $k $RUN"); done
+for c in drop_hedge wrong_revised; do JOBS+=("control_$c|control $c --seeds 0,1,2 $RUN"); done
 for k in 0 1 2; do JOBS+=("exp03_seed$k|$PY $EXP03 --seeds $k $RUN"); done
 
 start=$SECONDS
