@@ -591,33 +591,12 @@ def finish(run, s: Settings) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# Arms, seeds and the table
+# Arms and seeds (the table: infra/tables.py)
 # ---------------------------------------------------------------------------------------------
 def arm_name(s_or_final) -> str:
     """grpo | sdpo_s | sdpo_s_nothink, from an arm's settings or its final.json."""
     get = s_or_final.get if isinstance(s_or_final, dict) else lambda k: getattr(s_or_final, k)
     return "grpo" if get("method") == "grpo" else f"sdpo_{get('teacher_context') or 's'}"
-
-
-def summarize(finals: list[dict]) -> list[dict]:
-    """summary.json: table_rows with every metric as {mean, std, n} over seeds."""
-    return [{"arm": arm, "seeds": len(runs), **tables.stats(runs)}
-            for arm, runs in table_rows(finals)]
-
-
-def table_rows(finals: list[dict], labels: dict | None = None) -> list[tuple[str, list[dict]]]:
-    """(label, last-step metrics per seed) per arm (final.json's `arm`, else method and context),
-    the base (step 0, one evaluation per seed) first."""
-    arms = [f.get("arm") or arm_name(f) for f in finals]
-    rows = [((labels or {}).get(a, a), [f["final"] for f, b in zip(finals, arms) if b == a])
-            for a in dict.fromkeys(arms)]
-    return [("base (step 0)", list({f["seed"]: f["base"] for f in finals}.values()))] + rows
-
-
-def print_summary(finals: list[dict], out_dir: str, world, labels: dict | None = None) -> None:
-    """The compact table (<= 100 columns): base row first, then each arm; all in summary.json."""
-    print(tables.compact_table(table_rows(finals, labels), world)
-          + f"\nevery metric (mean, std, n over seeds): {out_dir}/summary.json")
 
 
 def arm_runs(s: Settings, arms: list[tuple[str, str]], seeds: list[int]) -> list[tuple]:
@@ -639,8 +618,8 @@ def main(argv=None) -> list[dict]:
     seeds = [int(x) for x in s.seeds.split(",")] if s.seeds else [s.seed]
     finals = [train_arm(*run) for run in progress.bar(arm_runs(s, arms, seeds), "exp02 runs")]
     if parallel.is_main():
-        common.write_json_atomic(f"{s.out_dir}/summary.json", summarize(finals))
-        print_summary(finals, s.out_dir, pick_world(s.model), ARM_LABELS)
+        common.write_json_atomic(f"{s.out_dir}/summary.json", tables.summarize(finals, arm_name))
+        tables.print_summary(finals, s.out_dir, pick_world(s.model), arm_name, ARM_LABELS)
     return finals
 
 

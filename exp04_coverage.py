@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import common
-from infra import progress, run_dirs
+from infra import progress, run_dirs, tables
 import exp02_onpolicy_grpo_sdpo as exp02
 from infra.settings import arg, cli, parse_settings
 
@@ -120,8 +120,8 @@ def main(argv=None) -> list[dict]:
     sets = {seed: training_sets(replace(s, seed=seed), world) for seed in seeds}
     finals = [train_coverage(arm, run_dir, name, sets[arm.seed])
               for arm, run_dir, name in progress.bar(runs, "exp04 runs")]
-    common.write_json_atomic(f"{s.out_dir}/summary.json", exp02.summarize(finals))
-    exp02.print_summary(finals, s.out_dir, world)
+    common.write_json_atomic(f"{s.out_dir}/summary.json", tables.summarize(finals, exp02.arm_name))
+    tables.print_summary(finals, s.out_dir, world, exp02.arm_name)
     return finals
 
 

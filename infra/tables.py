@@ -1,5 +1,6 @@
 """Result tables: mean ± std over seeds, summary.json's numbers ({mean, std, n}) and the compact
-table printed at the end of a run (<= 100 columns, a world's HEADLINE columns).
+table printed at the end of a run (<= 100 columns, a world's HEADLINE columns), from the runs'
+final.json contents (the experiment names each run's arm: `arm_of`).
 Infrastructure only (the science is in the experiments, common.py and the worlds)."""
 import textwrap
 
@@ -58,3 +59,25 @@ def format_table(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def table_rows(finals: list[dict], arm_of, labels: dict | None = None
+               ) -> list[tuple[str, list[dict]]]:
+    """(label, last-step metrics per seed) per arm (final.json's `arm`, else arm_of(final)), the
+    base (step 0, one evaluation per seed) first."""
+    arms = [f.get("arm") or arm_of(f) for f in finals]
+    rows = [((labels or {}).get(a, a), [f["final"] for f, b in zip(finals, arms) if b == a])
+            for a in dict.fromkeys(arms)]
+    return [("base (step 0)", list({f["seed"]: f["base"] for f in finals}.values()))] + rows
+
+
+def summarize(finals: list[dict], arm_of) -> list[dict]:
+    """summary.json: table_rows with every metric as {mean, std, n} over seeds."""
+    return [{"arm": arm, "seeds": len(runs), **stats(runs)}
+            for arm, runs in table_rows(finals, arm_of)]
+
+
+def print_summary(finals: list[dict], out_dir: str, world, arm_of, labels: dict | None = None):
+    """The compact table (<= 100 columns): base row first, then each arm; all in summary.json."""
+    print(compact_table(table_rows(finals, arm_of, labels), world)
+          + f"\nevery metric (mean, std, n over seeds): {out_dir}/summary.json")

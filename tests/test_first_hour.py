@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 import common
-from infra import run_dirs
+from infra import run_dirs, tables
 from infra import hub  # noqa: E402
 import exp01_offpolicy as e1
 import exp02_onpolicy_grpo_sdpo as e2
@@ -180,11 +180,12 @@ def fake_finals(world: str, seeds=(0, 1, 2)) -> list[dict]:
 @pytest.mark.parametrize("world", ["toy", "math"])
 def test_the_printed_table_fits_100_columns_and_summary_holds_numbers(world, capsys):
     finals = fake_finals(world)
-    e2.print_summary(finals, "runs/x/exp02", importlib.import_module(f"{world}_world"))
+    tables.print_summary(finals, "runs/x/exp02", importlib.import_module(f"{world}_world"),
+                         e2.arm_name)
     out = capsys.readouterr().out
     assert max(map(len, out.splitlines())) <= 100, out
     assert out.splitlines()[2].startswith("| base (step 0) | 3 |")
-    rows = e2.summarize(finals)
+    rows = tables.summarize(finals, e2.arm_name)
     assert [r["arm"] for r in rows] == ["base (step 0)", "grpo", "sdpo_s", "sdpo_s_nothink"]
     acc = "eval/in_domain/avg@1" if world == "toy" else "eval/aime24/avg@16"
     assert rows[1][acc] == {"mean": pytest.approx(0.91), "std": pytest.approx(0.0081650, rel=1e-4), "n": 3}
