@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import common
-from infra import loss_head  # noqa: E402
+from infra import loss_head, step_logs  # noqa: E402
 import tiny  # noqa: E402
 from tiny import TINY  # noqa: E402
 import exp02_onpolicy_grpo_sdpo as e
@@ -253,7 +253,7 @@ def test_token_type_split_sums_to_the_total_divergence_and_gradient():
     types = torch.tensor([0, 1, 2, 2, 0, 1, 3, 2, 2])  # (N,) N = 9 response tokens
     grad = torch.rand(9)
     has_demo = torch.tensor([1.0, 0.0, 1.0])  # the middle sample has no demonstration
-    logs = e.token_type_logs(types, mask, div, grad, ("a", "b", "c", "d"), has_demo)
+    logs = step_logs.token_type_logs(types, mask, div, grad, ("a", "b", "c", "d"), has_demo)
     live_total = div[0].sum() + div[2].sum()
     parts = [logs[f"sdpo/tokens/{n}/divergence"][0] for n in "abcd"]
     assert sum(parts) == pytest.approx(live_total.item())
@@ -268,7 +268,7 @@ def test_token_type_split_sums_to_the_total_divergence_and_gradient():
 
 def test_watch_grad_norm_reads_the_gradient_per_position():
     x = torch.tensor([[1.0, 2.0], [3.0, 4.0]], requires_grad=True)
-    box = e.watch_grad_norm(x)
+    box = step_logs.watch_grad_norm(x)
     (x * torch.tensor([[3.0, 4.0], [0.0, 1.0]])).sum().backward()
     assert box[0].tolist() == pytest.approx([5.0, 1.0])
-    assert e.watch_grad_norm(torch.ones(2)) == [None]  # no gradient: nothing to watch
+    assert step_logs.watch_grad_norm(torch.ones(2)) == [None]  # no gradient: nothing to watch

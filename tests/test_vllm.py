@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import common
-from infra import loss_head, parallel, rollout  # noqa: E402
+from infra import loss_head, parallel, rollout, step_logs  # noqa: E402
 import tiny  # noqa: E402
 import exp02_onpolicy_grpo_sdpo as e
 import toy_world
@@ -63,7 +63,7 @@ def test_epistemic_ids_cover_every_row_of_a_head_larger_than_the_tokenizer():
     maybe = tok.convert_tokens_to_ids("maybe")
     responses = [[rows - 1, maybe]]  # rows - 1: an id past the tokenizer
     mask, ones = torch.ones(1, 2, dtype=torch.bool), torch.ones(1, 2)
-    logs = e.token_logs(torch.tensor(1.0), ones, mask, ones, responses, ids, torch.ones(1))
+    logs = step_logs.token_logs(torch.tensor(1.0), ones, mask, ones, responses, ids, torch.ones(1))
     assert logs["sdpo/divergence_epistemic"] == (1.0, 1)
     assert logs["sdpo/divergence_other"] == (1.0, 1)
 
