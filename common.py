@@ -1,9 +1,10 @@
 """What every experiment shares, and nothing else: model presets and loading, the chat prompt and
 the teacher's message, the thinking split, the epistemic counter, avg@k / pass@k, evaluation,
-run files (atomic writes, metrics, final.json) and the tables printed at the end of a run.
+seeding, atomic writes and reading a run's metrics.jsonl.
 
 Both worlds (toy_world.py, math_world.py) go through these functions; infrastructure (process
-groups, rollout engines, the grader pool, checkpoints, the loss head) lives in infra/.
+groups, rollout engines, the grader pool, checkpoints, the loss head, run files, tables) lives
+in infra/.
 """
 from __future__ import annotations
 
@@ -351,7 +352,7 @@ def batch_indices(n_problems: int, batch: int, step: int, seed: int) -> list[int
 
 
 # ---------------------------------------------------------------------------------------------
-# Results: run directories with config.json, metrics.jsonl, samples/, final.json; atomic writes
+# Seeds, atomic writes, metrics.jsonl read back (infra/run_dirs.py writes run directories)
 # ---------------------------------------------------------------------------------------------
 def set_seed(seed: int) -> None:
     random.seed(seed)
@@ -382,20 +383,3 @@ def read_metrics(run: str | Path) -> list[dict]:
         except json.JSONDecodeError:
             break
     return rows
-
-
-def log_metrics(run: Path, step: int, metrics: dict) -> None:
-    """Append one flat JSON line to metrics.jsonl and fsync: metrics written survive a crash."""
-    with open(Path(run) / "metrics.jsonl", "a") as f:
-        f.write(json.dumps({"step": step, **metrics}, default=float) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def write_samples(run: Path, name: str, rows: list[dict]) -> None:
-    text = "".join(json.dumps(r) + "\n" for r in rows)
-    write_json_atomic(Path(run) / "samples" / f"{name}.jsonl", text)
-
-
-def finish_run(run: Path, final: dict) -> None:
-    write_json_atomic(Path(run) / "final.json", final)

@@ -363,7 +363,7 @@ def _run_seed(s: Settings, world, run: Path, base, tokenizer, preset, sets, pool
         groups[c] = stage(run, f"context_{c}", sample_context)
     table1 = {c: context_metrics([g for g in gs if g is not None], tokenizer, preset)
               for c, gs in groups.items()}
-    common.write_samples(run, "contexts",
+    run_dirs.write_samples(run, "contexts",
                          [{"question": i, "context": c, "response": r["text"],
                            "correct": r["correct"]}
                           for c, gs in groups.items() for i, g in enumerate(gs[:20])
@@ -390,7 +390,7 @@ def _run_seed(s: Settings, world, run: Path, base, tokenizer, preset, sets, pool
         def evaluate(generator=generator, name=name):
             m, samples = evaluate_model(world, generator, tokenizer, preset, sets, s)
             for key, rows in samples.items():
-                common.write_samples(run, f"{name}_{key}", rows)
+                run_dirs.write_samples(run, f"{name}_{key}", rows)
             return m
 
         table2[name] = dict(stage(run, f"eval_{name}", evaluate),
@@ -405,7 +405,7 @@ def _run_seed(s: Settings, world, run: Path, base, tokenizer, preset, sets, pool
                            "band": [s.band_low, s.band_high],
                            "grader_failures": sel["grader_failures"]},
              "table1": table1, "table2": table2}
-    common.finish_run(run, final)
+    run_dirs.finish_run(run, final)
     return final
 
 

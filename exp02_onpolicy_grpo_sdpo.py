@@ -508,7 +508,7 @@ def evaluate(s: Settings, world, preset: dict, model, tokenizer, generator, sets
             metrics[f"probe/{world.PROBE_WORD}/{who}"] = common.next_token_prob(
                 m, tokenizer, preset, items, world.PROBE_WORD)
     for name, rows in samples.items() if parallel.is_main() else ():
-        common.write_samples(run, f"eval_{name}", rows)
+        run_dirs.write_samples(run, f"eval_{name}", rows)
     return metrics
 
 
@@ -519,7 +519,7 @@ def finish(run, s: Settings) -> dict:
              "teacher_context": s.teacher_context if s.method == "sdpo" else None,
              "seed": s.seed, "steps": s.steps, "settings": asdict(s), "base": rows[0],
              "final": rows[-1], "train_time_s": sum(r.get("time/step_s", 0.0) for r in rows)}
-    common.finish_run(run, final)
+    run_dirs.finish_run(run, final)
     return final
 
 

@@ -1,5 +1,6 @@
-"""Run directories: the refuse / resume / overwrite policy, decided before anything loads, and
-config.json's provenance (settings, commit, versions).
+"""Run directories: the refuse / resume / overwrite policy, decided before anything loads,
+config.json's provenance (settings, commit, versions), and the files a run writes into its
+directory (metrics.jsonl, samples/, final.json).
 Infrastructure only (the science is in the experiments, common.py and the worlds)."""
 import dataclasses
 import importlib.metadata
@@ -132,3 +133,20 @@ def read_final(out_dir: str | Path) -> dict:
     """The final.json of a finished run that --resume reuses (checked by check_run)."""
     progress.say(f"{out_dir}: finished earlier with the same settings, reused (--resume)")
     return json.loads((Path(out_dir) / "final.json").read_text())
+
+
+def log_metrics(run: Path, step: int, metrics: dict) -> None:
+    """Append one flat JSON line to metrics.jsonl and fsync: metrics written survive a crash."""
+    with open(Path(run) / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": step, **metrics}, default=float) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_samples(run: Path, name: str, rows: list[dict]) -> None:
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    write_json_atomic(Path(run) / "samples" / f"{name}.jsonl", text)
+
+
+def finish_run(run: Path, final: dict) -> None:
+    write_json_atomic(Path(run) / "final.json", final)

@@ -6,8 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import common
-from infra import parallel
+from infra import parallel, run_dirs
 from infra.hub import SetupError
 
 
@@ -23,7 +22,7 @@ def check(project: str) -> None:
 
 
 class Metrics:
-    """The run's metrics log: rank 0 appends each row to <run>/metrics.jsonl (common.log_metrics)
+    """The run's metrics log: rank 0 appends each row to <run>/metrics.jsonl (run_dirs.log_metrics)
     and, given a W&B project, logs the same row at the same step to a W&B run named after the run
     directory, with the settings as its config. Other ranks: nothing."""
 
@@ -36,7 +35,7 @@ class Metrics:
 
     def log(self, step: int, row: dict) -> None:
         if parallel.is_main():
-            common.log_metrics(self.run, step, row)
+            run_dirs.log_metrics(self.run, step, row)
         if self.wandb is not None:
             self.wandb.log(row, step=step)
 

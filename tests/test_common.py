@@ -122,11 +122,11 @@ def test_run_directory_atomic_and_never_overwritten(tmp_path):
     run = run_dirs.start_run(tmp_path / "run", S())
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["settings"] == {"seed": 3} and "torch" in cfg["packages"] and "git_commit" in cfg
-    common.log_metrics(run, 1, {"train/reward": 0.5})
-    common.log_metrics(run, 2, {"train/reward": 0.75})
+    run_dirs.log_metrics(run, 1, {"train/reward": 0.5})
+    run_dirs.log_metrics(run, 2, {"train/reward": 0.75})
     assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
-    common.write_samples(run, "eval", [{"a": 1}])
-    common.finish_run(run, {"done": True})
+    run_dirs.write_samples(run, "eval", [{"a": 1}])
+    run_dirs.finish_run(run, {"done": True})
     assert not list(run.rglob(".*.tmp*"))
     with pytest.raises(FileExistsError, match="--overwrite"):
         run_dirs.start_run(run, S())

@@ -128,7 +128,7 @@ def test_unfinished_run_is_neither_overwritten_nor_silently_continued(tmp_path):
         """seed"""
 
     run = run_dirs.start_run(tmp_path / "r", S())
-    common.log_metrics(run, 1, {"x": 1.0})
+    run_dirs.log_metrics(run, 1, {"x": 1.0})
     with pytest.raises(FileExistsError, match="--resume"):
         run_dirs.start_run(run, S())
     with pytest.raises(ValueError, match=r"other settings .* --seed \(run: 0, now: 1\)"):
@@ -149,7 +149,7 @@ def test_resume_skips_finished_runs_and_starts_runs_not_begun(tmp_path):
         """seed"""
 
     done = run_dirs.start_run(tmp_path / "done", S())
-    common.finish_run(done, {"final": {"x": 1.0}})
+    run_dirs.finish_run(done, {"final": {"x": 1.0}})
     assert run_dirs.check_run(done, S(), resume=True) == "finished"
     assert run_dirs.read_final(done) == {"final": {"x": 1.0}}
     with pytest.raises(FileExistsError, match="--resume to reuse it"):
@@ -166,11 +166,11 @@ def test_resume_before_the_first_checkpoint_starts_again(tmp_path):
     and it starts from step 0 (the run, not an error)."""
     run = tmp_path / "run"
     run.mkdir()
-    common.log_metrics(run, 0, {"x": 1.0})
+    run_dirs.log_metrics(run, 0, {"x": 1.0})
     assert checkpoints.load_checkpoint(run) == (0, {})
     assert common.read_metrics(run) == []
     checkpoints.save_checkpoint(run, 3, {"w": 1})
-    common.log_metrics(run, 3, {"x": 2.0})
-    common.log_metrics(run, 4, {"x": 3.0})
+    run_dirs.log_metrics(run, 3, {"x": 2.0})
+    run_dirs.log_metrics(run, 4, {"x": 3.0})
     step, state = checkpoints.load_checkpoint(run)
     assert (step, state["w"]) == (3, 1) and [r["step"] for r in common.read_metrics(run)] == [3]
