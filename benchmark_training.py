@@ -195,14 +195,16 @@ def bench_generation(args, model, pad, eos, device) -> dict:
 # `stages`: one toy exp02 step, stage by stage, with exp02's own functions
 # ---------------------------------------------------------------------------------------------
 class CountingGenerator:
-    """A rollout engine that records every sample's length (prompt + generated tokens)."""
+    """A rollout engine that records the positions it forwards: each prompt of a call once (the
+    decoding loop prefills a prompt once for its n samples), then each sample's generated
+    tokens (the attention term counts the two parts as separate sequences: a slight undercount)."""
 
     def __init__(self, generator):
         self.generator, self.lengths = generator, []
 
     def generate(self, prompts, n=1, **kwargs):
         groups = self.generator.generate(prompts, n=n, **kwargs)
-        self.lengths += [len(p) + len(x.token_ids) for p, g in zip(prompts, groups) for x in g]
+        self.lengths += [len(p) for p in prompts] + [len(x.token_ids) for g in groups for x in g]
         return groups
 
     def __getattr__(self, name):  # sleep, load_weights, weight_dtype
