@@ -52,10 +52,13 @@ def test_every_stage_is_timed_with_its_work(stages):
             assert row["gflop"] == 0 and row["share_of_peak"] is None
         else:
             assert row["tokens"] > 0 and 0 < row["share_of_peak"] <= 1, (name, row)
-    # the student scores every sequence once per update (a shared prompt forwarded once: fewer
-    # positions than the rollouts' tokens), pi_old only mini-batch 2's (1's is the student's own)
+    # the student scores every sequence once per update, each shared prompt forwarded once as in
+    # the rollouts' prefill (only each sequence's last prompt token again: at most one position
+    # per sequence more than the rollouts forward); pi_old only mini-batch 2's (1's is the
+    # student's own)
     tokens = rows["rollouts"]["tokens"]
-    assert 0 < rows["pi_old"]["tokens"] < rows["grpo_update"]["tokens"] <= tokens
+    assert 0 < rows["pi_old"]["tokens"] < rows["grpo_update"]["tokens"]
+    assert rows["grpo_update"]["tokens"] <= tokens + result["sequences"]
     assert rows["sdpo_update"]["tokens"] == rows["grpo_update"]["tokens"]
     assert rows["sdpo_teacher"]["tokens"] > 0
     assert result["token_stats_calls"]["grpo"]["teacher"] == 0
