@@ -551,8 +551,7 @@ def main(argv=None) -> list[dict]:
     seeds = [int(x) for x in s.seeds.split(",")] if s.seeds else [s.seed]
     finals = [train_arm(*run) for run in progress.bar(arm_runs(s, arms, seeds), "exp02 runs")]
     if parallel.is_main():
-        common.write_json_atomic(f"{s.out_dir}/summary.json", tables.summarize(finals, arm_name))
-        tables.print_summary(finals, s.out_dir, pick_world(s.model), arm_name, ARM_LABELS)
+        tables.report(finals, s.out_dir, pick_world(s.model), arm_name, ARM_LABELS)
     return finals
 
 

@@ -91,8 +91,7 @@ def main(argv=None) -> list[dict]:
             exp02.plan_arm(a, d)
     finals = [dict(run_dirs.read_final(d) if d in copied else exp02.train_arm(a, d),
                    arm=run_name(a.ema_rate)) for a, d in progress.bar(runs, "exp03 runs")]
-    common.write_json_atomic(f"{s.out_dir}/summary.json", tables.summarize(finals, exp02.arm_name))
-    tables.print_summary(finals, s.out_dir, exp02.pick_world(s.model), exp02.arm_name)
+    tables.report(finals, s.out_dir, exp02.pick_world(s.model), exp02.arm_name)
     return finals
 
 

@@ -120,8 +120,7 @@ def main(argv=None) -> list[dict]:
     sets = {seed: training_sets(replace(s, seed=seed), world) for seed in seeds}
     finals = [train_coverage(arm, run_dir, name, sets[arm.seed])
               for arm, run_dir, name in progress.bar(runs, "exp04 runs")]
-    common.write_json_atomic(f"{s.out_dir}/summary.json", tables.summarize(finals, exp02.arm_name))
-    tables.print_summary(finals, s.out_dir, world, exp02.arm_name)
+    tables.report(finals, s.out_dir, world, exp02.arm_name)
     return finals
 
 

@@ -6,6 +6,8 @@ import textwrap
 
 import numpy as np
 
+import common
+
 
 def stat(values) -> dict | None:
     """{"mean", "std" (population), "n"} over seeds; None and NaN left out; None if nothing left."""
@@ -81,3 +83,9 @@ def print_summary(finals: list[dict], out_dir: str, world, arm_of, labels: dict 
     """The compact table (<= 100 columns): base row first, then each arm; all in summary.json."""
     print(compact_table(table_rows(finals, arm_of, labels), world)
           + f"\nevery metric (mean, std, n over seeds): {out_dir}/summary.json")
+
+
+def report(finals: list[dict], out_dir: str, world, arm_of, labels: dict | None = None) -> None:
+    """The end of a sweep: <out_dir>/summary.json (summarize), then the compact table."""
+    common.write_json_atomic(f"{out_dir}/summary.json", summarize(finals, arm_of))
+    print_summary(finals, out_dir, world, arm_of, labels)
