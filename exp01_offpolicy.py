@@ -364,10 +364,10 @@ def _run_seed(s: Settings, world, run: Path, base, tokenizer, preset, sets, pool
     table1 = {c: context_metrics([g for g in gs if g is not None], tokenizer, preset)
               for c, gs in groups.items()}
     run_dirs.write_samples(run, "contexts",
-                         [{"question": i, "context": c, "response": r["text"],
-                           "correct": r["correct"]}
-                          for c, gs in groups.items() for i, g in enumerate(gs[:20])
-                          for r in g or []])
+                           [{"question": i, "context": c, "response": r["text"],
+                             "correct": r["correct"]}
+                            for c, gs in groups.items() for i, g in enumerate(gs[:20])
+                            for r in g or []])
 
     # Section 4: the two SFT sets, the students and their evaluation (paper Table 2)
     data = sft_sets(questions, groups, tokenizer, preset)

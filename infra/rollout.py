@@ -33,10 +33,10 @@ def log_ratio_to_engine(log_probs: list[torch.Tensor], samples: list[Sample]) ->
 class HFGenerator:
     """Sampling from the trainer's own transformers module (CPU or GPU) over left-padded batches,
     so its weights are always current (`sleep` and `load_weights` do nothing). One process: our
-    decoding loop over the module's KV cache (`decode`), which prefills each distinct prompt once
+    decoding loop over the module's KV cache (`decode`), which prefills each prompt once
     for its n samples and drops the rows that stopped. `generate` does neither (it expands each
     prompt n times before the prefill, and forwards every row to the end of the longest): on the
-    toy world the loop forwards ~2.5x fewer tokens per rollout batch (README "Speed"), and its
+    toy world the loop forwards ~2.5x fewer tokens per rollout batch (README "Benchmarks"), and its
     greedy outputs are those of `generate`, token for token (tests/test_common.py).
     Under torchrun: transformers `generate` with synced_gpus (a sharded model needs every rank
     in every forward until all have stopped)."""
@@ -61,11 +61,10 @@ class HFGenerator:
         eos = self.tokenizer.eos_token_id
         sampling = (temperature, top_p, top_k, max_tokens)
         per_call = max(1, self.batch_size // n)  # prompts per call: at most batch_size rows
+        run = self.synced_generate if parallel.world_size() > 1 else self.decode
         out: list[Sample] = []
         for i in range(0, len(prompts), per_call):
-            part = prompts[i:i + per_call]
-            run = self.synced_generate if parallel.world_size() > 1 else self.decode
-            for ids in run(part, n, *sampling):
+            for ids in run(prompts[i:i + per_call], n, *sampling):
                 stop = eos in ids
                 ids = ids[:ids.index(eos) + 1] if stop else ids
                 out.append(Sample(ids, self.tokenizer.decode(ids, skip_special_tokens=True),
@@ -73,8 +72,8 @@ class HFGenerator:
         return [out[j * n:(j + 1) * n] for j in range(len(prompts))]
 
     def decode(self, prompts, n, temperature, top_p, top_k, max_tokens) -> list[list[int]]:
-        """Token ids of n samples per prompt (prompt-major): one prefill of the distinct prompts,
-        their KV cache repeated n times, then one forward per token of only the rows still
+        """Token ids of n samples per prompt (prompt-major): one prefill of the prompts (each
+        once), their KV cache repeated n times, then one forward per token of only the rows still
         running. Greedy at temperature 0; else the logits are tempered, top-k and top-p cut
         (transformers' own warpers) and sampled from torch's global generator."""
         device = next(self.model.parameters()).device
