@@ -36,6 +36,7 @@ Where we depart from the release (also in the README):
     never cuts). The share of samples cut is logged per step (train/teacher_prompt_cut).
 """
 
+import copy
 import importlib
 import json
 import math
@@ -110,6 +111,7 @@ class Settings:
 
 ARMS = [("grpo", "s"), ("sdpo", "s"), ("sdpo", "s_nothink")]
 ARM_LABELS = {"grpo": "GRPO", "sdpo_s": "SDPO c = s", "sdpo_s_nothink": "SDPO c = s\\think"}
+BASE_EVALUATIONS: dict = {}  # evaluate(base=True): (metrics, samples) of the base model, by key
 
 
 # ---------------------------------------------------------------------------------------------
@@ -456,7 +458,7 @@ def train(s: Settings, world, run, preset, student, tokenizer, sample_batch, set
         progress.say(f"[{arm_name(s)} seed {s.seed}] resumed from step {done} ({run})")
     else:
         metrics.log(0, evaluate(s, world, preset, student, tokenizer, evaluator, sets, run,
-                                teacher))
+                                teacher, base=True))
     t0 = time.time()
     steps = progress.bar(range(done + 1, s.steps + 1), arm_name(s), s.steps, initial=done)
     for step in steps:
@@ -491,15 +493,19 @@ def train(s: Settings, world, run, preset, student, tokenizer, sample_batch, set
 
 
 def evaluate(s: Settings, world, preset: dict, model, tokenizer, generator, sets, run=None,
-             teacher=None, full: bool = True) -> dict:
-    """The world's evaluation sampling on every set (the first --eval-subset problems of each
-    unless `full`) -> flat metrics with the failure classes; the world's probe (toy: P(`maybe`)
-    at the first choice) for the student and the teacher; rank 0 writes the samples."""
+             teacher=None, full: bool = True, base: bool = False) -> dict:
+    """Every set's evaluation (the first --eval-subset problems unless `full`) -> flat metrics with
+    the failure classes and the world's probe (toy: P(`maybe`) at the first choice) of student and
+    teacher; rank 0 writes the samples. `base` (step 0): once per process, reused (same key)."""
     model.eval()
     sets = {k: v[:s.eval_subset] if s.eval_subset and not full else v for k, v in sets.items()}
-    sampling = world.eval_sampling(preset, s.eval_k, s.max_new_tokens)
-    metrics, samples = common.evaluate_sets(generator, tokenizer, preset, sets, sampling, s.seed,
-                                            world.grade, world=world)
+    sampling = world.eval_sampling(preset, s.eval_k, s.max_new_tokens)  # k, T, top-p, max tokens
+    key = (s.model, s.backend, repr(sets), sampling, sampling[1] > 0 and s.seed)  # seed: sampled
+    if not (base and key in BASE_EVALUATIONS):
+        found = common.evaluate_sets(generator, tokenizer, preset, sets, sampling, s.seed,
+                                     world.grade, world=world)
+        BASE_EVALUATIONS.update({key: found} if base else {})
+    metrics, samples = copy.deepcopy(BASE_EVALUATIONS[key] if base else found)
     metrics["eval/problems_per_set"] = max(len(v) for v in sets.values())
     probe = world.probe_set(s.probe_n) if s.probe_n else []
     for who, m, pick in (("student", model, 0), ("teacher", teacher, 1)):

@@ -4,6 +4,8 @@ top-k head (no positions x vocabulary tensor kept), and a plain next-token step.
 Infrastructure only (the science is in the experiments, common.py and the worlds)."""
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.utils.checkpoint
 from transformers.cache_utils import Cache, DynamicLayer
@@ -120,6 +122,27 @@ def prefix_sharing_pays(model, pairs: list[tuple[list[int], list[int]]], grad: b
     return all(parallel.gather_objects(pays)) if parallel.is_sharded(model) else pays
 
 
+BUCKET_COST = 32  # a forward's fixed cost in padded positions (toy model, CPU; see buckets)
+
+
+def buckets(lengths: list[int], cost: int) -> list[list[int]]:
+    """Sequences grouped for separate forwards to cut padding: sorted by length, then cut into
+    runs minimising sum(rows x longest) + cost x runs (dynamic programming over the cuts), so a
+    batch of mostly short responses and a few long ones is not padded to the longest. Returns
+    the index lists, shortest first."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    n, best, cut = len(order), [0.0], [0]  # best[j]: least cost of the first j sorted sequences
+    for j in range(1, n + 1):
+        c, i = min((best[i] + (j - i) * lengths[order[j - 1]] + cost, i) for i in range(j))
+        best.append(c)
+        cut.append(i)
+    runs, j = [], n
+    while j:
+        runs.append(order[cut[j]:j])
+        j = cut[j]
+    return runs[::-1]
+
+
 def shared_prefix_hidden(model, pairs, pad_id: int, device) -> torch.Tensor:
     """The final hidden states (N, H) at the positions that predict the response tokens
     (row-major, as token_stats orders them), forwarding each distinct prefix once ("Prefix
@@ -127,29 +150,42 @@ def shared_prefix_hidden(model, pairs, pad_id: int, device) -> torch.Tensor:
 
         prefix_u = prompt[:-1]  (U distinct),   suffix_i = [prompt_i[-1]] + response_i
         K/V_u    = f(prefix_u)                  right-padded (U, Lp), positions 0, 1, ...
-        h_i      = f(suffix_i | K/V_u(i))       (B, Ls), positions |prefix_i| + t, each attending
+        h_i      = f(suffix_i | K/V_u(i))       (b, Ls), positions |prefix_i| + t, each attending
                                                 to [prefix_u(i) ; suffix_i[:t+1]] (pads masked)
 
-    Gradients reach the prefix forward through its K/V, summed over the sequences sharing it.
-    Two forwards through the model: with grad, not for an FSDP2-sharded one (see
-    prefix_sharing_pays). Memory: every layer's prefix K/V (U x Lp positions) lives through the
-    suffix forward, where a plain no-grad forward holds one layer's at a time; with grad both
-    paths keep each layer's K/V for backward."""
+    The suffixes run in length buckets (`buckets`: one forward per bucket, each padded to its
+    own longest), so a few long responses do not pad the whole batch; an FSDP2-sharded model
+    takes one bucket (every rank must run the same forwards). Gradients reach the prefix
+    forward through its K/V, summed over the sequences sharing it. Two or more forwards
+    through the model: with grad, not for an FSDP2-sharded one (see prefix_sharing_pays).
+    Memory: every layer's prefix K/V (U x Lp positions) lives through the suffix forwards,
+    where a plain no-grad forward holds one layer's at a time; with grad both paths keep each
+    layer's K/V for backward."""
     prefixes, owner = prefix_groups(pairs)
     owner = torch.tensor(owner)  # (B,)
     pre_ids, pre_att, _ = pack_sequences([(u, []) for u in prefixes], pad_id)  # (U, Lp)
-    suf_ids, suf_att, suf_lab = pack_sequences([(p[-1:], r) for p, r in pairs], pad_id)  # (B, Ls)
-    positions = pre_att.sum(1)[owner][:, None] + torch.arange(suf_ids.shape[1])  # (B, Ls)
-    att = torch.cat([pre_att[owner], suf_att], dim=1)  # (B, Lp + Ls)
     cache = Cache(layers=[SharedPrefixLayer() for _ in range(model.config.num_hidden_layers)])
     model(input_ids=pre_ids.to(device), attention_mask=pre_att.to(device), past_key_values=cache,
           use_cache=True, logits_to_keep=1)
-    for layer in cache.layers:
-        layer.owner = owner.to(device)
-    hidden = last_hidden_state(model, suf_ids.to(device), att.to(device),
-                               position_ids=positions.to(device), past_key_values=cache,
-                               use_cache=True)  # (B, Ls, H)
-    return hidden[:, :-1][suf_lab[:, 1:].to(device) != -100]  # (N, H)
+    lengths = [1 + len(r) for _, r in pairs]
+    runs = ([list(range(len(pairs)))] if parallel.is_sharded(model)
+            else buckets(lengths, BUCKET_COST))
+    offset = [0, *itertools.accumulate(len(r) for _, r in pairs)]  # row-major starts
+    hidden, order = [], []  # each bucket's (N_b, H); each of its rows' row-major position
+    for run in runs:
+        idx = torch.tensor(run)  # (b,)
+        suf_ids, suf_att, suf_lab = pack_sequences([(pairs[i][0][-1:], pairs[i][1]) for i in run],
+                                                   pad_id)  # (b, Ls)
+        positions = pre_att.sum(1)[owner[idx]][:, None] + torch.arange(suf_ids.shape[1])  # (b, Ls)
+        att = torch.cat([pre_att[owner[idx]], suf_att], dim=1)  # (b, Lp + Ls)
+        for layer in cache.layers:
+            layer.owner = owner[idx].to(device)
+        h = last_hidden_state(model, suf_ids.to(device), att.to(device),
+                              position_ids=positions.to(device), past_key_values=cache,
+                              use_cache=True)  # (b, Ls, H)
+        hidden.append(h[:, :-1][suf_lab[:, 1:].to(device) != -100])  # (N_b, H)
+        order += [offset[i] + t for i in run for t in range(lengths[i] - 1)]
+    return torch.cat(hidden)[torch.argsort(torch.tensor(order))]  # (N, H) row-major
 
 
 def token_stats(

@@ -78,11 +78,10 @@ class HFGenerator:
         (transformers' own warpers) and sampled from torch's global generator."""
         device = next(self.model.parameters()).device
         ids, mask = (x.to(device) for x in left_pad(prompts, self.tokenizer.pad_token_id))
-        out = self.model(input_ids=ids, attention_mask=mask, use_cache=True,
-                         position_ids=(mask.cumsum(1) - 1).clamp(min=0))
-        cache, mask = out.past_key_values, mask.repeat_interleave(n, 0)  # (B*n, T)
+        cache, logits = prefill(self.model, ids, mask)  # (B, V) at each prompt's last token
+        mask = mask.repeat_interleave(n, 0)  # (B*n, T)
         cache.batch_repeat_interleave(n)
-        logits = out.logits[:, -1].float().repeat_interleave(n, 0)  # (B*n, V)
+        logits = logits.repeat_interleave(n, 0)  # (B*n, V)
         warp = logit_warpers(temperature, top_p, top_k)
         rows = torch.arange(len(mask), device=device)  # which output row each live row is
         tokens: list[list[int]] = [[] for _ in range(len(mask))]
@@ -132,6 +131,27 @@ class HFGenerator:
 
     def load_weights(self, named_tensors) -> None:
         pass
+
+
+PREFILL_ROWS = 64  # prompts per prefill forward: its activations stay in cache (toy, CPU: 1.5x)
+
+
+def prefill(model, ids: torch.Tensor, mask: torch.Tensor, rows: int = PREFILL_ROWS):
+    """The left-padded prompts (B, T) through the model in chunks of `rows` -> (their KV cache,
+    one batch of B rows; the logits (B, V) of each prompt's last position). Chunking changes no
+    row's values; it keeps the (rows x T x intermediate) activations small enough for the CPU's
+    caches (a 200 x 42-token toy prefill: 0.52 s in one forward, 0.34 s in chunks of 50)."""
+    caches, logits = [], []
+    for a in range(0, len(ids), rows):
+        part = mask[a:a + rows]
+        out = model(input_ids=ids[a:a + rows], attention_mask=part, use_cache=True,
+                    position_ids=(part.cumsum(1) - 1).clamp(min=0), logits_to_keep=1)
+        caches.append(out.past_key_values)
+        logits.append(out.logits[:, -1].float())
+    for layer, *more in zip(*(c.layers for c in caches)):  # one cache: the chunks' rows stacked
+        layer.keys = torch.cat([layer.keys, *(m.keys for m in more)])
+        layer.values = torch.cat([layer.values, *(m.values for m in more)])
+    return caches[0], torch.cat(logits)
 
 
 def logit_warpers(temperature: float, top_p: float, top_k: int):

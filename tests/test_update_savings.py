@@ -98,11 +98,18 @@ def stats(model, pairs, share: bool, monkeypatch, k=5, grad=True):
     return out, [p.grad.clone() for p in model.parameters()]
 
 
-@pytest.mark.parametrize("k,grad", [(None, True), (0, True), (5, True), (5, False)])
-def test_shared_prefix_forward_equals_the_plain_forward(k, grad, monkeypatch):
-    """Each distinct prefix forwarded once, its K/V expanded to the sequences that share it:
-    the same token log-probs, top-k / full distributions, entropy, ids and mask as the plain
-    packed forward, and the same parameter gradients (to 1e-6 of their scale)."""
+@pytest.mark.parametrize("k,grad,cost", [(None, True, 32), (0, True, 32), (5, True, 32),
+                                         (5, False, 32), (5, True, 0), (5, False, 0)])
+def test_shared_prefix_forward_equals_the_plain_forward(k, grad, cost, monkeypatch):
+    """Each distinct prefix forwarded once, its K/V expanded to the sequences that share it, the
+    suffixes in one forward or (cost 0) one per response length: the same token log-probs,
+    top-k / full distributions, entropy, ids and mask as the plain packed forward, and the same
+    parameter gradients (to 1e-6 of their scale)."""
+    monkeypatch.setattr(loss_head, "BUCKET_COST", cost)
+    forwards = []
+    real = loss_head.last_hidden_state
+    monkeypatch.setattr(loss_head, "last_hidden_state",
+                        lambda *a, **kw: forwards.append(1) or real(*a, **kw))
     torch.manual_seed(0)
     model, _ = tiny_random_model()
     pairs = grouped_pairs()
@@ -117,6 +124,22 @@ def test_shared_prefix_forward_equals_the_plain_forward(k, grad, monkeypatch):
     assert not grad or scale > 0.1
     for a, b in zip(g_plain, g_shared):
         assert torch.allclose(a, b, atol=1e-6 * scale)
+    lengths = {len(r) for _, r in pairs}
+    assert len(forwards) == 1 + (1 if cost else len(lengths))  # plain, then the suffix buckets
+
+
+def test_buckets_cut_padding_and_cover_every_sequence_once():
+    """Sorted runs that cover every index once; a few long responses get their own forward
+    (less padding than one batch), a forward's cost keeps near-equal lengths together."""
+    lengths = [12] * 24 + [19] * 17 + [25] * 20 + [30, 30, 47]
+    runs = loss_head.buckets(lengths, 32)
+    assert sorted(i for r in runs for i in r) == list(range(len(lengths)))
+    longest = [max(lengths[i] for i in r) for r in runs]
+    assert longest == sorted(longest) and len(runs) > 1
+    padded = sum(len(r) * m for r, m in zip(runs, longest))
+    assert padded + 32 * len(runs) < len(lengths) * 47 + 32
+    assert loss_head.buckets([5, 6, 5, 6], 32) == [[0, 2, 1, 3]]  # not worth a second forward
+    assert loss_head.buckets([5, 6, 5, 6], 0) == [[0, 2], [1, 3]]
 
 
 def test_prefix_sharing_forwards_fewer_positions_and_falls_back_where_the_cache_is_dropped(
@@ -174,3 +197,29 @@ def test_update_with_shared_prefixes_equals_the_plain_update(method, monkeypatch
         assert logs[1][key] == pytest.approx(logs[0][key], rel=1e-5, abs=1e-7), key
     for a, b in zip(*weights):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_the_base_evaluation_is_made_once_per_process_with_the_same_values(tmp_path, monkeypatch):
+    """Step 0's evaluation of --model is reused by the process's later runs with the same sets and
+    sampling (greedy: whatever the seed or method), equal to a fresh evaluation; other sampling,
+    and any evaluation after step 0, evaluate again."""
+    from infra import parallel
+    from infra.rollout import make_generator
+
+    world = e.pick_world("toy")
+    s = e.resolve(e.Settings(method="grpo", eval_n=6, probe_n=0, threads=1), world)
+    model, tok, preset = common.load_model(s.model, device="cpu", dtype=torch.float32)
+    sets = world.evaluation_sets(s.eval_n, train_graphs=True)
+    generator = parallel.ShardedGenerator(make_generator(model, tok, "hf"))
+    calls, real = [], common.evaluate_sets
+    monkeypatch.setattr(common, "evaluate_sets", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(e, "BASE_EVALUATIONS", {})
+
+    def evaluate(settings, base=True):
+        return e.evaluate(settings, world, preset, model, tok, generator, sets, tmp_path, base=base)
+
+    first = evaluate(s)
+    assert evaluate(replace(s, seed=3, method="sdpo")) == first and len(calls) == 1  # reused
+    assert evaluate(s, base=False) == first and len(calls) == 2  # a fresh evaluation: equal
+    evaluate(replace(s, max_new_tokens=8))  # other sampling: evaluated again
+    assert len(calls) == 3
