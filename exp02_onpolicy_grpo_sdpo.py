@@ -500,12 +500,12 @@ def evaluate(s: Settings, world, preset: dict, model, tokenizer, generator, sets
     model.eval()
     sets = {k: v[:s.eval_subset] if s.eval_subset and not full else v for k, v in sets.items()}
     sampling = world.eval_sampling(preset, s.eval_k, s.max_new_tokens)  # k, T, top-p, max tokens
-    key = (s.model, s.backend, repr(sets), sampling, sampling[1] > 0 and s.seed)  # seed: sampled
-    if not (base and key in BASE_EVALUATIONS):
-        found = common.evaluate_sets(generator, tokenizer, preset, sets, sampling, s.seed,
-                                     world.grade, world=world)
-        BASE_EVALUATIONS.update({key: found} if base else {})
-    metrics, samples = copy.deepcopy(BASE_EVALUATIONS[key] if base else found)
+    key = base and (s.model, s.backend, repr(sets), sampling, sampling[1] > 0 and s.seed)
+    found = BASE_EVALUATIONS.get(key) or common.evaluate_sets(  # key False: not the base model
+        generator, tokenizer, preset, sets, sampling, s.seed, world.grade, world=world)
+    if key:  # kept for the process's later runs (the seed counts only when sampled); copies out
+        BASE_EVALUATIONS[key] = found
+    metrics, samples = copy.deepcopy(found) if key else found
     metrics["eval/problems_per_set"] = max(len(v) for v in sets.values())
     probe = world.probe_set(s.probe_n) if s.probe_n else []
     for who, m, pick in (("student", model, 0), ("teacher", teacher, 1)):

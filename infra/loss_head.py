@@ -167,19 +167,19 @@ def shared_prefix_hidden(model, pairs, pad_id: int, device) -> torch.Tensor:
     cache = Cache(layers=[SharedPrefixLayer() for _ in range(model.config.num_hidden_layers)])
     model(input_ids=pre_ids.to(device), attention_mask=pre_att.to(device), past_key_values=cache,
           use_cache=True, logits_to_keep=1)
-    lengths = [1 + len(r) for _, r in pairs]
+    prefix_len, lengths = pre_att.sum(1), [1 + len(r) for _, r in pairs]  # (U,), suffix lengths
     runs = ([list(range(len(pairs)))] if parallel.is_sharded(model)
             else buckets(lengths, BUCKET_COST))
     offset = [0, *itertools.accumulate(len(r) for _, r in pairs)]  # row-major starts
     hidden, order = [], []  # each bucket's (N_b, H); each of its rows' row-major position
     for run in runs:
-        idx = torch.tensor(run)  # (b,)
+        own = owner[torch.tensor(run)]  # (b,) each sequence's prefix
         suf_ids, suf_att, suf_lab = pack_sequences([(pairs[i][0][-1:], pairs[i][1]) for i in run],
                                                    pad_id)  # (b, Ls)
-        positions = pre_att.sum(1)[owner[idx]][:, None] + torch.arange(suf_ids.shape[1])  # (b, Ls)
-        att = torch.cat([pre_att[owner[idx]], suf_att], dim=1)  # (b, Lp + Ls)
+        positions = prefix_len[own][:, None] + torch.arange(suf_ids.shape[1])  # (b, Ls)
+        att = torch.cat([pre_att[own], suf_att], dim=1)  # (b, Lp + Ls)
         for layer in cache.layers:
-            layer.owner = owner[idx].to(device)
+            layer.owner = own.to(device)
         h = last_hidden_state(model, suf_ids.to(device), att.to(device),
                               position_ids=positions.to(device), past_key_values=cache,
                               use_cache=True)  # (b, Ls, H)

@@ -78,7 +78,7 @@ class HFGenerator:
         (transformers' own warpers) and sampled from torch's global generator."""
         device = next(self.model.parameters()).device
         ids, mask = (x.to(device) for x in left_pad(prompts, self.tokenizer.pad_token_id))
-        cache, logits = prefill(self.model, ids, mask)  # (B, V) at each prompt's last token
+        cache, logits = prefill(self.model, ids, mask, PREFILL_ROWS)  # (B, V): last positions
         mask = mask.repeat_interleave(n, 0)  # (B*n, T)
         cache.batch_repeat_interleave(n)
         logits = logits.repeat_interleave(n, 0)  # (B*n, V)
@@ -136,7 +136,7 @@ class HFGenerator:
 PREFILL_ROWS = 64  # prompts per prefill forward: its activations stay in cache (toy, CPU: 1.5x)
 
 
-def prefill(model, ids: torch.Tensor, mask: torch.Tensor, rows: int = PREFILL_ROWS):
+def prefill(model, ids: torch.Tensor, mask: torch.Tensor, rows: int):
     """The left-padded prompts (B, T) through the model in chunks of `rows` -> (their KV cache,
     one batch of B rows; the logits (B, V) of each prompt's last position). Chunking changes no
     row's values; it keeps the (rows x T x intermediate) activations small enough for the CPU's
@@ -148,9 +148,10 @@ def prefill(model, ids: torch.Tensor, mask: torch.Tensor, rows: int = PREFILL_RO
                     position_ids=(part.cumsum(1) - 1).clamp(min=0), logits_to_keep=1)
         caches.append(out.past_key_values)
         logits.append(out.logits[:, -1].float())
-    for layer, *more in zip(*(c.layers for c in caches)):  # one cache: the chunks' rows stacked
-        layer.keys = torch.cat([layer.keys, *(m.keys for m in more)])
-        layer.values = torch.cat([layer.values, *(m.values for m in more)])
+    if len(caches) > 1:  # one cache: the chunks' rows stacked (one chunk: nothing to copy)
+        for layer, *more in zip(*(c.layers for c in caches)):
+            layer.keys = torch.cat([layer.keys, *(m.keys for m in more)])
+            layer.values = torch.cat([layer.values, *(m.values for m in more)])
     return caches[0], torch.cat(logits)
 
 

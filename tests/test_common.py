@@ -66,11 +66,12 @@ def test_generation_is_seeded_and_reports_finish_reasons():
         rollout.make_generator(model, tok, backend="tpu")
 
 
-def test_decode_matches_transformers_generate_and_shares_the_prompt():
+def test_decode_matches_transformers_generate_and_shares_the_prompt(monkeypatch):
     """Our decoding loop (one prefill per prompt, stopped rows dropped) against transformers
     `generate` on the toy model: the same greedy tokens for prompts of different lengths (left
-    padding) and rows that stop at different steps; top-k 1 sampling is greedy; n samples of a
-    prompt are the same greedy row n times."""
+    padding) and rows that stop at different steps, with the prefill in one chunk or in chunks
+    of 5 prompts; top-k 1 sampling is greedy; n samples of a prompt are the same greedy row n
+    times."""
     import toy_world
     from transformers import GenerationConfig
 
@@ -90,6 +91,8 @@ def test_decode_matches_transformers_generate_and_shares_the_prompt():
     theirs = [x[:x.index(tok.eos_token_id) + 1] if tok.eos_token_id in x else x for x in theirs]
     assert ours == theirs
     assert len({len(x) for x in ours}) > 3  # rows stopped at different steps
+    monkeypatch.setattr(rollout, "PREFILL_ROWS", 5)  # 36 prompts: 8 chunks, their caches stacked
+    assert [g[0].token_ids for g in gen.generate(prompts, temperature=0.0, max_tokens=40)] == ours
     top1 = gen.generate(prompts, n=2, temperature=1.0, top_k=1, max_tokens=40, seed=3)
     assert [[s.token_ids for s in g] for g in top1] == [[x, x] for x in ours]
 
