@@ -92,7 +92,7 @@ def build_model(preset: str, layers: int | None, device: str):
     """(model fp32, pad id, eos id) with random weights; tiny-random and toy load as exp02 does."""
     if preset not in ARCH:
         model, tokenizer, loaded = common.load_model(preset, device=device, dtype=torch.float32)
-        if exp02.pick_world(preset).ACTIVATION_CHECKPOINTING:  # as exp02 trains this world
+        if common.pick_world(preset).ACTIVATION_CHECKPOINTING:  # as exp02 trains this world
             model.gradient_checkpointing_enable({"use_reentrant": False})
         return model, tokenizer.pad_token_id, tokenizer.eos_token_id
     import transformers
@@ -256,7 +256,7 @@ def stage_settings(args, method: str) -> "exp02.Settings":
                  eval_n=args.eval_n, max_new_tokens=args.max_new_tokens)
     s = exp02.Settings(model=args.preset, method=method, seed=args.seed, threads=args.threads,
                        device=args.device, **{k: v for k, v in given.items() if v is not None})
-    return exp02.resolve(s, exp02.pick_world(s.model))
+    return exp02.resolve(s, common.pick_world(s.model))
 
 
 def step_batch(s, problems: list[dict], step: int) -> list[dict]:
@@ -376,7 +376,7 @@ def reproduction_estimate(s, grpo_step_s: float, sdpo_step_s: float, eval_s: flo
 def stages(args) -> dict:
     """Every stage of one toy exp02 step, GRPO and SDPO, and one evaluation -> the result."""
     grpo, sdpo = stage_settings(args, "grpo"), stage_settings(args, "sdpo")
-    world, device, peak = exp02.pick_world(grpo.model), args.device, args.peak_gflops
+    world, device, peak = common.pick_world(grpo.model), args.device, args.peak_gflops
     common.set_seed(grpo.seed)
     student, tokenizer, preset = common.load_model(grpo.model, device=device, dtype=torch.float32)
     teacher = exp02.load_teacher(sdpo.model, device, device.startswith("cuda"))
@@ -563,7 +563,7 @@ def trl_side_by_side(args) -> dict:
     import transformers
 
     s = stage_settings(args, "grpo")
-    world = exp02.pick_world(s.model)
+    world = common.pick_world(s.model)
     problems = world.training_problems(512, s.train_file)
     common.set_seed(s.seed)
     ours = ours_grpo_step(args, s, world, problems)

@@ -8,6 +8,7 @@ in infra/.
 """
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import random
@@ -59,6 +60,11 @@ def resolve_preset(name: str) -> dict:
                     **config.get("preset", {}))
     raise ValueError(f"unknown model {name!r}: use one of {', '.join(PRESETS)}, a local model "
                      "directory or a Hugging Face hub id such as Qwen/Qwen3-8B")
+
+
+def pick_world(model: str):
+    """The world module a model lives in (toy_world or math_world), chosen once per run."""
+    return importlib.import_module(f"{resolve_preset(model)['world']}_world")
 
 
 def default_device() -> str:

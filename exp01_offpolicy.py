@@ -39,7 +39,6 @@ Where we depart from the paper and its release (also in the README):
 """
 
 import copy
-import importlib
 import json
 import random
 from dataclasses import asdict, dataclass, replace
@@ -285,15 +284,10 @@ def resolve(s: Settings, world, preset: dict) -> Settings:
     return s
 
 
-def pick_world(model: str):
-    """The world module a model lives in (toy_world or math_world), chosen once per run."""
-    return importlib.import_module(f"{common.resolve_preset(model)['world']}_world")
-
-
 def plan_seed(s: Settings) -> tuple[Settings, str]:
     """Every check that can fail, before anything is loaded: flags, backend, data files and the
     run directory (-> "new", "continue" or "finished")."""
-    s = resolve(s, pick_world(s.model), common.resolve_preset(s.model))
+    s = resolve(s, common.pick_world(s.model), common.resolve_preset(s.model))
     return s, run_dirs.check_run(Path(s.out_dir) / f"seed{s.seed}", s, s.overwrite, s.resume,
                                  Settings.SWEEP_ONLY)
 
@@ -322,7 +316,7 @@ def run_seed(s: Settings) -> dict:
     parallel.cpu_threads(s.threads)
     common.set_seed(s.seed)
     device = s.device or common.default_device()
-    world = pick_world(s.model)  # data before the model: a bad file fails before gigabytes load
+    world = common.pick_world(s.model)  # data before the model: a bad file fails before loading
     sets = world.evaluation_sets(s.eval_n, s.eval_sets.split(","), s.data_dir)
     pool = world.training_problems(s.max_candidates, s.train_file)
     pool = random.Random(s.seed).sample(pool, len(pool))
@@ -456,7 +450,7 @@ def main(argv=None) -> dict:
     finals = [run_seed(replace(s, seed=seed)) for seed in progress.bar(seeds, "exp01 seeds")]
     summary = summarize(finals)
     common.write_json_atomic(Path(s.out_dir) / "summary.json", summary)
-    print_summary(finals, s.out_dir, pick_world(s.model))
+    print_summary(finals, s.out_dir, common.pick_world(s.model))
     return summary
 
 

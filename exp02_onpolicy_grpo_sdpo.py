@@ -37,7 +37,6 @@ Where we depart from the release (also in the README):
 """
 
 import copy
-import importlib
 import json
 import math
 import time
@@ -345,11 +344,6 @@ def update(s: Settings, *, student, teacher, opt, rollouts: Rollouts, pad_id: in
 # ---------------------------------------------------------------------------------------------
 # One arm: settings checked, models loaded, the loop
 # ---------------------------------------------------------------------------------------------
-def pick_world(model: str):
-    """The world module a model lives in (toy_world or math_world), chosen once per run."""
-    return importlib.import_module(f"{common.resolve_preset(model)['world']}_world")
-
-
 def resolve(s: Settings, world) -> Settings:
     """The arm's settings: every unset flag from the world's default, every flag combination,
     the backend and the data files checked (before anything is loaded or written)."""
@@ -391,7 +385,7 @@ def plan_arm(s: Settings, run_dir: str) -> tuple[Settings, str]:
     parallel.init_distributed(s.device or common.default_device())
     check_backend(s.backend, s.temperature, s.top_p)  # before the model name is even looked up
     tracking.check(s.wandb)
-    s = resolve(s, pick_world(s.model))
+    s = resolve(s, common.pick_world(s.model))
     return s, parallel.main_only(run_dirs.check_run, run_dir, s, s.overwrite, s.resume,
                                  type(s).SWEEP_ONLY)
 
@@ -406,7 +400,7 @@ def train_arm(s: Settings, run_dir: str, sample_batch=None) -> dict:
     parallel.cpu_threads(s.threads)
     common.set_seed(s.seed)
     device = parallel.init_distributed(s.device or common.default_device())
-    world = pick_world(s.model)
+    world = common.pick_world(s.model)
     if sample_batch is None:  # data before the model: a bad file fails before gigabytes load
         problems = world.training_problems(512, s.train_file)
         if not problems:
@@ -557,7 +551,7 @@ def main(argv=None) -> list[dict]:
     seeds = [int(x) for x in s.seeds.split(",")] if s.seeds else [s.seed]
     finals = [train_arm(*run) for run in progress.bar(arm_runs(s, arms, seeds), "exp02 runs")]
     if parallel.is_main():
-        tables.report(finals, s.out_dir, pick_world(s.model), arm_name, ARM_LABELS)
+        tables.report(finals, s.out_dir, common.pick_world(s.model), arm_name, ARM_LABELS)
     return finals
 
 

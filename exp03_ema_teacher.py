@@ -55,7 +55,7 @@ def reuse_frozen(s: Settings, run_dir: str) -> bool:
     source = Path(s.frozen_from, "sdpo_s", f"seed{s.seed}")
     if s.ema_rate != 0 or not s.frozen_from or Path(run_dir, "final.json").exists():
         return False
-    resolved = exp02.resolve(s, exp02.pick_world(s.model))  # the world's defaults filled in
+    resolved = exp02.resolve(s, common.pick_world(s.model))  # the world's defaults filled in
     try:
         if run_dirs.check_run(source, resolved, resume=True,
                               sweep_only=Settings.SWEEP_ONLY) != "finished":
@@ -91,7 +91,7 @@ def main(argv=None) -> list[dict]:
             exp02.plan_arm(a, d)
     finals = [dict(run_dirs.read_final(d) if d in copied else exp02.train_arm(a, d),
                    arm=run_name(a.ema_rate)) for a, d in progress.bar(runs, "exp03 runs")]
-    tables.report(finals, s.out_dir, exp02.pick_world(s.model), exp02.arm_name)
+    tables.report(finals, s.out_dir, common.pick_world(s.model), exp02.arm_name)
     return finals
 
 

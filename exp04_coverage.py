@@ -93,7 +93,7 @@ def batches(world, problems: list[dict] | None, batch: int, seed: int):
 def train_coverage(arm: Settings, run_dir: str, name: str, sets: dict | None = None) -> dict:
     """One (coverage, arm, seed) run -> its final.json contents, with `arm` and `coverage` added.
     `sets`: the seed's training_sets (drawn here when not given: recheck.py re-runs one run)."""
-    world = exp02.pick_world(arm.model)
+    world = common.pick_world(arm.model)
     problems = (sets or training_sets(arm, world))[name]
     batch = exp02.resolve(arm, world).prompts_per_step
     final = exp02.train_arm(arm, run_dir, sample_batch=batches(world, problems, batch, arm.seed))
@@ -108,7 +108,7 @@ def main(argv=None) -> list[dict]:
     methods = ([("grpo", "s"), ("sdpo", s.teacher_context)] if s.method == "all"
                else [(s.method, s.teacher_context)])
     seeds = [int(x) for x in s.seeds.split(",")] if s.seeds else [s.seed]
-    world = exp02.pick_world(s.model)
+    world = common.pick_world(s.model)
     for f in s.train_files.split(",") if s.train_files else []:
         if not Path(f).exists():
             raise FileNotFoundError(f"--train-files: {f} does not exist")

@@ -206,7 +206,7 @@ def test_the_base_evaluation_is_made_once_per_process_with_the_same_values(tmp_p
     from infra import parallel
     from infra.rollout import make_generator
 
-    world = e.pick_world("toy")
+    world = common.pick_world("toy")
     s = e.resolve(e.Settings(method="grpo", eval_n=6, probe_n=0, threads=1), world)
     model, tok, preset = common.load_model(s.model, device="cpu", dtype=torch.float32)
     sets = world.evaluation_sets(s.eval_n, train_graphs=True)
