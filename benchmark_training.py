@@ -734,7 +734,8 @@ def main(argv=None):
     if ran is None:
         return None
     result, name = ran
-    machine = {"device": env["cuda"] or f"CPU, {os.cpu_count()} cores", "platform": env["platform"],
+    machine = {"device": env["cuda"] or f"CPU, {os.cpu_count()} cores", "cpu": env["cpu"],
+               "platform": env["platform"],
                "load_average": os.getloadavg(), "seconds": time.perf_counter() - t0,
                "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}  # unset: active (spins)
     result = {"settings": vars(args), "machine": machine, "packages": env["packages"], **result}

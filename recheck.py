@@ -83,7 +83,8 @@ def differences(old: dict, new: dict, sweep_only: tuple) -> tuple[int, list[str]
 
 
 def provenance_warnings(run: Path, config: dict) -> list[str]:
-    """What besides the run may make the re-run differ: commit, uncommitted changes, packages."""
+    """What besides the run may make the re-run differ: commit, uncommitted changes, CPU,
+    packages."""
     now, out = run_dirs.environment_info(), []
     if config.get("git_commit") != now["git_commit"]:
         out.append(f"made at commit {config.get('git_commit')}, HEAD is {now['git_commit']}")
@@ -91,6 +92,8 @@ def provenance_warnings(run: Path, config: dict) -> list[str]:
         out.append("made from a tree with uncommitted changes")
     if now["git_dirty"]:
         out.append("this tree has uncommitted changes")
+    if config.get("cpu", now["cpu"]) != now["cpu"]:  # older runs did not record it
+        out.append(f"made on {config['cpu']}, this is {now['cpu']}")
     then = config.get("packages", {})
     out += [f"{p} {then[p]} then, {v} now" for p, v in now["packages"].items()
             if p in then and then[p] != v]

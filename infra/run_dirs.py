@@ -44,12 +44,29 @@ def environment_info() -> dict:
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
+        "cpu": cpu_info(),
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "packages": {
             p: version(p)
             for p in ("torch", "transformers", "datasets", "numpy", "math-verify", "vllm")
         },
     }
+
+
+def cpu_info() -> str:
+    """The CPU and the vector kernels torch runs on it, e.g. "AMD EPYC (family 25 model 1), torch
+    AVX2": the toy runs are bit-exact across hosts only as far as their kernels agree (README,
+    "Exactness"), and a host's speed follows them."""
+    fields = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    kind = f" (family {fields['cpu family']} model {fields['model']})" if "model" in fields else ""
+    return f"{name}{kind}, torch {torch.backends.cpu.get_cpu_capability()}"
 
 
 def script_of(settings) -> str:

@@ -10,6 +10,7 @@ import types
 from pathlib import Path
 
 import pytest
+import torch
 
 import common
 import exp02_onpolicy_grpo_sdpo as e2
@@ -196,3 +197,16 @@ def test_recheck_warns_about_another_commit_and_refuses_a_bare_directory(tmp_pat
     assert any("uncommitted changes" in w for w in warnings)
     with pytest.raises(FileNotFoundError, match="config.json"):
         recheck.main([str(tmp_path)])
+
+
+def test_recheck_warns_about_another_cpu_and_config_records_this_one():
+    here = run_dirs.environment_info()["cpu"]  # what a run's config.json records
+    assert here == run_dirs.cpu_info()
+    assert f"torch {torch.backends.cpu.get_cpu_capability()}" in here
+    other = "Some CPU (family 1 model 2), torch DEFAULT"
+
+    def about_cpu(config):
+        return [w for w in recheck.provenance_warnings(Path("run"), config) if "made on" in w]
+
+    assert about_cpu({"cpu": other}) == [f"warning: run: made on {other}, this is {here}"]
+    assert about_cpu({"cpu": here}) == [] and about_cpu({}) == []  # {}: older runs
